@@ -1,0 +1,41 @@
+# Two entry points (see README): `make book` and `make test`. Everything else is a step of those.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+XMR_DATA ?= $(abspath ../shared/data)
+NOTEBOOKS := $(wildcard notebooks/*.ipynb)
+export XMR_DATA
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONHASHSEED := 0
+
+.PHONY: env test notebooks book html bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[dev,book]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3
+	touch $@
+
+env: $(BIN)/.installed  ## create the virtual environment and install xmr with its extras
+
+test: env  ## unit tests, notebooks in smoke mode (nbval) and a strict build of the book
+	$(BIN)/pytest -q tests
+
+notebooks: env  ## execute every notebook in place with its default (book) parameters
+	@for nb in $(NOTEBOOKS); do \
+		echo "papermill $$nb"; \
+		$(BIN)/papermill --cwd notebooks "$$nb" "$$nb" || exit 1; \
+	done
+
+html: env  ## render the site from the already executed notebooks
+	$(BIN)/jupyter-book build . --builder html -W --keep-going
+
+book: notebooks html  ## execute the notebooks, then render the site into _build/html
+
+bench: env  ## the foundation benchmarks (feature extraction, evaluation, training throughput)
+	$(BIN)/python benchmarks/foundation.py
+
+clean:
+	rm -rf _build
