@@ -1,7 +1,7 @@
 """Evaluation protocols: caption retrieval (R@K, MedR, MeanR, Rsum) and category retrieval (MAP, PR curves).
 
 Caption retrieval (VSE++ convention, used by every image-caption paper in this project)
------------------------------------------------------------------------------------
+---------------------------------------------------------------------------------------
 ``sims`` is an ``(N_images, N_images * captions_per_image)`` similarity matrix with captions in image-major
 order: caption ``j`` belongs to image ``j // captions_per_image``.
 
