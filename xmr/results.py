@@ -110,3 +110,11 @@ def load_results(results_dir: str | Path, paper_id: str | None = None) -> list[d
     pattern = f"{paper_id}/*.json" if paper_id else "*/*.json"
     records = [json.loads(path.read_text()) for path in sorted(Path(results_dir).glob(pattern))]
     return sorted(records, key=lambda record: (record["paper_id"], record["run_name"]))
+
+
+def paper_numbers(paper_id: str) -> dict:
+    """The numbers a paper reports, with table and section references (``xmr/paper_numbers.json``)."""
+    numbers = json.loads((Path(__file__).with_name("paper_numbers.json")).read_text())
+    if paper_id not in numbers:
+        raise KeyError(f"no reported numbers for {paper_id!r}; have {sorted(numbers)}")
+    return numbers[paper_id]
