@@ -202,12 +202,13 @@ class Tower(nn.Module):
         self.upper = upper
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = inputs.float()  # the cache stores region/token features and activations in float16
         if self.upper is not None:
             outputs = self.upper.forward_upper(inputs, mask) if mask is not None else self.upper.forward_upper(inputs)
             inputs = outputs["pooled"]
         elif inputs.dim() == 3:
             inputs = masked_mean(inputs, mask)
-        return self.projection(inputs.float())
+        return self.projection(inputs)
 
 
 class DualEncoder(nn.Module):

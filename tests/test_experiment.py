@@ -1,0 +1,52 @@
+"""The dual-encoder recipe end to end on a few real Flickr8k images: inputs, training, result file."""
+import json
+
+import pytest
+import torch
+
+from xmr.experiment import (DualEncoderSettings, build_dual_encoder, load_caption_inputs, record_outcome,
+                            run_dual_encoder)
+from xmr.features import ExtractionSettings, FeatureCache
+from xmr.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    return ExtractionSettings(batch_size=16, progress=False, cache=FeatureCache(tmp_path_factory.mktemp("cache")))
+
+
+def test_inputs_for_frozen_and_fine_tuned_tops(data_root, settings):
+    frozen = load_caption_inputs("test", num_images=6, root=data_root, settings=settings)
+    assert frozen.image.shape == (6, 1280) and frozen.text.shape == (30, 384) and frozen.text_mask is None
+    top = load_caption_inputs("test", image_top=1, text_top=1, num_images=6, root=data_root, settings=settings)
+    assert top.image.shape == (6, 192, 7, 7) and top.text.shape[:1] == (30,) and top.text_mask is not None
+
+
+def test_fine_tuning_trains_only_the_top_and_the_heads():
+    model = build_dual_encoder(DualEncoderSettings(loss="max_triplet", embed_dim=32, image_top=1, text_top=1))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any(name.startswith("image_tower.upper.upper.") for name in trainable)
+    assert any(".encoder.layer.5." in name for name in trainable)
+    assert not any(".encoder.layer.4." in name or "image_tower.upper.lower." in name for name in trainable)
+    assert model.loss.max_violation
+
+
+def test_run_and_record(data_root, settings, tmp_path):
+    train = load_caption_inputs("train", num_images=24, root=data_root, settings=settings)
+    dev = load_caption_inputs("dev", num_images=8, root=data_root, settings=settings)
+    test = load_caption_inputs("test", num_images=8, root=data_root, settings=settings)
+    model_settings = DualEncoderSettings(loss="infonce", embed_dim=16)
+    config = TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False, device="cpu")
+    outcome = run_dual_encoder(model_settings, config, train, dev, test)
+    assert set(outcome.test_metrics) >= {"i2t_r1", "t2i_r10", "rsum"}
+    assert outcome.trainable_parameters == (1280 + 1) * 16 + (384 + 1) * 16
+    path = record_outcome(tmp_path, "timofeev2022", "smoke_infonce", outcome, model_settings, config)
+    record = json.loads(path.read_text())
+    assert record["parameters"]["loss"] == "infonce" and record["parameters"]["epochs"] == 2
+    assert record["metrics"]["rsum"] == pytest.approx(outcome.test_metrics["rsum"])
+    assert len(record["history"]) == 2 and record["trainable_parameters"] == outcome.trainable_parameters
+    # Same seed, same result: the recipe is deterministic on CPU.
+    again = run_dual_encoder(model_settings, config, train, dev, test)
+    assert again.test_metrics == outcome.test_metrics
+    torch.testing.assert_close(outcome.model.image_tower.projection.net[1].weight,
+                               again.model.image_tower.projection.net[1].weight, rtol=0, atol=0)

@@ -1,0 +1,110 @@
+"""A dual-encoder experiment on Flickr8k: cached inputs -> model with a named loss -> training -> test metrics.
+
+This is the recipe the loss-comparison papers share (timofeev2022; the joint baselines of icone2024 and
+shi2024): pick what the backbones leave trainable, a projection, an embedding size and a loss, train with
+:func:`xmr.train.fit`, select by validation Rsum, evaluate on the test split, and write a result file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import PairedFeatures, load_flickr8k
+from .encoders import (IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, DualEncoder, ImageBackbone, ProjectionHead,
+                       TextBackbone, Tower, count_trainable_parameters)
+from .features import ExtractionSettings, image_features, text_features
+from .losses import make_loss
+from .results import write_result
+from .train import RetrievalValidator, TrainConfig, TrainResult, evaluate_retrieval, fit
+
+
+@dataclass
+class CaptionInputs:
+    """What the towers read for one split: image inputs (N, ...), caption inputs (5N, ...), optional mask."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    text_mask: torch.Tensor | None = None
+    captions_per_image: int = 5
+
+    def validator(self) -> RetrievalValidator:
+        return RetrievalValidator(self.image, self.text, self.text_mask, self.captions_per_image)
+
+
+def load_caption_inputs(split: str, image_top: int = 0, text_top: int = 0, num_images: int | None = None,
+                        root=None, settings: ExtractionSettings | None = None) -> CaptionInputs:
+    """Cached Flickr8k inputs for ``split``: pooled features of frozen backbones, or the activations below
+    their ``image_top`` / ``text_top`` trainable stages. ``num_images`` keeps the first images (smoke runs)."""
+    data = load_flickr8k(split, root=root)
+    if num_images is not None:
+        data = data.subset(min(num_images, len(data)))
+    images = image_features(data, ImageBackbone(trainable_top=image_top), settings)
+    texts = text_features(data, TextBackbone(trainable_top=text_top), settings)
+    image = images["pooled"] if image_top == 0 else images["lower"]
+    if text_top == 0:
+        return CaptionInputs(image, texts["pooled"], None, data.captions_per_image)
+    return CaptionInputs(image, texts["lower"], texts["mask"], data.captions_per_image)
+
+
+@dataclass
+class DualEncoderSettings:
+    """The model side of an experiment (the optimisation side is a :class:`xmr.train.TrainConfig`)."""
+
+    loss: str = "infonce"
+    loss_options: dict = field(default_factory=dict)
+    embed_dim: int = 128
+    projection: str = "linear"
+    image_top: int = 0  # trainable top stages of EfficientNet-Lite0 (0 = frozen)
+    text_top: int = 0  # trainable top layers of all-MiniLM-L6-v2 (0 = frozen)
+
+
+def build_dual_encoder(settings: DualEncoderSettings) -> DualEncoder:
+    image_upper = ImageBackbone(trainable_top=settings.image_top) if settings.image_top else None
+    text_upper = TextBackbone(trainable_top=settings.text_top) if settings.text_top else None
+    return DualEncoder(
+        Tower(ProjectionHead(IMAGE_FEATURE_DIM, settings.embed_dim, settings.projection), image_upper),
+        Tower(ProjectionHead(TEXT_FEATURE_DIM, settings.embed_dim, settings.projection), text_upper),
+        make_loss(settings.loss, **settings.loss_options),
+    )
+
+
+@dataclass
+class ExperimentOutcome:
+    model: DualEncoder
+    training: TrainResult
+    test_metrics: dict
+    trainable_parameters: int
+
+
+def run_dual_encoder(settings: DualEncoderSettings, config: TrainConfig, train: CaptionInputs,
+                     validation: CaptionInputs, test: CaptionInputs,
+                     checkpoint_dir: str | Path | None = None) -> ExperimentOutcome:
+    """Train a dual encoder (one random caption per image per epoch), restore the best validation epoch,
+    and evaluate it on ``test``."""
+    torch.manual_seed(config.seed)
+    model = build_dual_encoder(settings)
+    pairs = PairedFeatures(train.image, train.text, train.text_mask, train.captions_per_image,
+                           caption_choice="random", seed=config.seed)
+    training = fit(model, pairs, config, validate=validation.validator(), checkpoint_dir=checkpoint_dir)
+    test_metrics = evaluate_retrieval(model, test.image, test.text, test.text_mask, test.captions_per_image)
+    return ExperimentOutcome(model, training, test_metrics, count_trainable_parameters(model))
+
+
+def record_outcome(results_dir: str | Path, paper_id: str, run_name: str, outcome: ExperimentOutcome,
+                   settings: DualEncoderSettings, config: TrainConfig, dataset: str = "flickr8k",
+                   extra_parameters: dict | None = None) -> Path:
+    """Write the result file of one :func:`run_dual_encoder` run."""
+    parameters = {**dataclasses.asdict(settings), **dataclasses.asdict(config), **(extra_parameters or {})}
+    return write_result(
+        results_dir, paper_id, run_name, parameters=parameters, dataset=dataset, split="test",
+        metrics={**outcome.test_metrics, "best_epoch": outcome.training.best_epoch,
+                 **{f"val_{k}": v for k, v in outcome.training.best_metrics.items()}},
+        history=outcome.training.history, wall_time_s=outcome.training.wall_time_s,
+        device=config.resolved_device(),
+        extra={"trainable_parameters": outcome.trainable_parameters,
+               "pairs_per_second": outcome.training.pairs_per_second},
+    )
