@@ -50,3 +50,22 @@ def test_run_and_record(data_root, settings, tmp_path):
     assert again.test_metrics == outcome.test_metrics
     torch.testing.assert_close(outcome.model.image_tower.projection.net[1].weight,
                                again.model.image_tower.projection.net[1].weight, rtol=0, atol=0)
+
+
+def test_new_queries_embed_like_the_cached_split(data_root, settings):
+    """A caption or image of the split, encoded as a free query, lands where its cached features put it."""
+    from xmr.data import load_flickr8k
+    from xmr.experiment import encode_new_captions, encode_new_images
+    from xmr.train import encode
+
+    split = load_flickr8k("test", root=data_root).subset(3)
+    for tops in ((0, 0), (1, 1)):
+        model_settings = DualEncoderSettings(embed_dim=8, image_top=tops[0], text_top=tops[1])
+        model = build_dual_encoder(model_settings).eval()
+        cached = load_caption_inputs("test", *tops, num_images=3, root=data_root, settings=settings)
+        images = encode(model.encode_image, cached.image)
+        texts = encode(model.encode_text, cached.text, cached.text_mask)
+        torch.testing.assert_close(encode_new_images(model, model_settings, list(split.image_paths[:2])),
+                                   images[:2], atol=2e-3, rtol=0)  # the cache stores float16
+        torch.testing.assert_close(encode_new_captions(model, model_settings, list(split.captions[:2])),
+                                   texts[:2], atol=2e-3, rtol=0)

@@ -72,6 +72,35 @@ def build_dual_encoder(settings: DualEncoderSettings) -> DualEncoder:
     )
 
 
+@torch.no_grad()
+def encode_new_captions(model: DualEncoder, settings: DualEncoderSettings, captions: list[str]) -> torch.Tensor:
+    """Joint-space embeddings (M, D) of captions that are not in the dataset (free-text queries)."""
+    backbone = TextBackbone(trainable_top=settings.text_top)
+    tokens = backbone.tokenize(captions)
+    model.eval()
+    if settings.text_top == 0:
+        return model.encode_text(backbone(**tokens)["pooled"].to(_device(model)))
+    lower = backbone.forward_lower(**tokens)
+    return model.encode_text(lower.to(_device(model)), tokens["attention_mask"].to(_device(model)))
+
+
+@torch.no_grad()
+def encode_new_images(model: DualEncoder, settings: DualEncoderSettings, paths: list) -> torch.Tensor:
+    """Joint-space embeddings (M, D) of image files that are not in the evaluated split."""
+    from .data import load_image
+
+    backbone = ImageBackbone(trainable_top=settings.image_top)
+    pixels = backbone.preprocess([load_image(path) for path in paths])
+    model.eval()
+    if settings.image_top == 0:
+        return model.encode_image(backbone(pixels)["pooled"].to(_device(model)))
+    return model.encode_image(backbone.forward_lower(pixels).to(_device(model)))
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @dataclass
 class ExperimentOutcome:
     model: DualEncoder

@@ -67,7 +67,8 @@ class FeatureCache:
         if not path.exists():
             return None
         try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
+            # Memory-mapped: a caller that needs only the pooled features never reads the region grid.
+            stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             if stored["key"] != key:
                 raise ValueError("stored key differs")
             return stored["tensors"]
