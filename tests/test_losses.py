@@ -162,6 +162,15 @@ def test_triplet_max_picks_the_hardest_negative_only():
     assert float(maxes) == pytest.approx(0.1 + (c30 - 0.4) + (c30 - 0.4))
 
 
+def test_printed_sign_rewards_separating_positives():
+    image, text = angles(0, 90), angles(0, 90)  # perfect retrieval: positives 1, negatives 0
+    assert float(TripletLoss(0.2)(image, text)["loss"]) == 0.0
+    # As printed: [0.2 - S_ij + S_ii]_+ = 1.2 for every (anchor, negative): 2 anchors x 2 directions.
+    assert float(TripletLoss(0.2, printed_sign=True)(image, text)["loss"]) == pytest.approx(4 * 1.2)
+    flipped = angles(0, 90), angles(180, 270)  # positives at -1: the printed loss is happiest here
+    assert float(TripletLoss(0.2, printed_sign=True)(*flipped)["loss"]) == 0.0
+
+
 def test_infonce_hand_computed_2x2():
     image, text = angles(0, 90), angles(0, 90)  # S = identity
     tau = 0.5

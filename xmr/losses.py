@@ -31,17 +31,24 @@ class TripletLoss(nn.Module):
     ``max_violation=False`` sums them over j, ``True`` keeps the maximum (Faghri et al. 2018).
     ``reduction="sum"`` sums over the batch as the VSE++ reference does; ``"mean"`` divides by B, which makes the
     loss scale independent of the batch size (the learning rate then means the same thing across batch sizes).
+
+    ``printed_sign=True`` is the report's literal equations, ``[alpha - s(i, c') + s(i, c)]_+``: the positive and
+    negative similarities swapped, which rewards pushing positives apart. Kept only to show that it fails.
     """
 
-    def __init__(self, margin: float = 0.2, max_violation: bool = False, reduction: str = "sum"):
+    def __init__(self, margin: float = 0.2, max_violation: bool = False, reduction: str = "sum",
+                 printed_sign: bool = False):
         super().__init__()
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.margin, self.max_violation, self.reduction = margin, max_violation, reduction
+        self.printed_sign = printed_sign
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_pairs(image_features, text_features)
         sims = image_features @ text_features.T  # (B, B)
+        if self.printed_sign:
+            sims = -sims  # margin - S_ii + S_ij becomes margin + S_ii - S_ij, as printed
         positives = sims.diagonal().unsqueeze(1)  # (B, 1)
         negatives = ~torch.eye(len(sims), dtype=torch.bool, device=sims.device)
         cost_i2t = (self.margin - positives + sims).clamp(min=0) * negatives  # image anchors, caption negatives
