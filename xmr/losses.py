@@ -2,8 +2,13 @@
 
 Every loss is a small ``nn.Module`` whose ``forward(image_features, text_features)`` takes (B, D) L2-normalised
 embeddings, row i of each being a positive pair and every other row a negative, and returns a dict of named
-tensors with the total under ``"loss"``. Equation numbers refer to timofeev2022 (Timofeev et al.,
-*Multi-modal retrieval with smooth weighting of negatives*).
+tensors with the total under ``"loss"``. Pick one by name with :func:`make_loss` (names in :data:`LOSSES`).
+
+Equation numbers refer to timofeev2022 (Timofeev et al., *Multi-modal retrieval with smooth weighting of
+negatives*, EE-608 report), which numbers four equations: the sum triplet loss (Sec. III-A, unnumbered), the max
+triplet loss (Eq. 1), SimCLR (Eq. 2), Barlow Twins (Eq. 3) and its symmetrised SimCLR for two modalities (Eq. 4).
+Two of its formulas are misprinted; each misprint is available behind a named flag (``printed_sign``,
+``exclude_positive_from_denominator``) and the faithful reading is the default.
 """
 
 from __future__ import annotations
@@ -21,19 +26,31 @@ def _check_pairs(image_features: torch.Tensor, text_features: torch.Tensor) -> N
             f"expected two (B, D) tensors of the same shape, got {tuple(image_features.shape)} and "
             f"{tuple(text_features.shape)}"
         )
+    if len(image_features) == 0:
+        raise ValueError("expected a non-empty batch, got B = 0")
+
+
+def _off_diagonal_mask(size: int, device: torch.device) -> torch.Tensor:
+    return ~torch.eye(size, dtype=torch.bool, device=device)  # (size, size), False on the diagonal
 
 
 class TripletLoss(nn.Module):
-    """Hinge triplet loss in both directions: sum over negatives (VSE0, Eq. 1) or the hardest one (VSE++, Eq. 2).
+    """Hinge triplet loss in both directions: summed over negatives (VSE0, timofeev2022 Sec. III-A) or the
+    hardest negative only (VSE++ "max violation", timofeev2022 Eq. 1; Faghri et al. 2018).
 
-    For the similarity matrix S = image_features @ text_features.T (positives on the diagonal),
-    ``cost_i2t[i, j] = [margin - S_ii + S_ij]_+`` and ``cost_t2i[i, j] = [margin - S_ii + S_ji]_+`` for j != i;
-    ``max_violation=False`` sums them over j, ``True`` keeps the maximum (Faghri et al. 2018).
-    ``reduction="sum"`` sums over the batch as the VSE++ reference does; ``"mean"`` divides by B, which makes the
-    loss scale independent of the batch size (the learning rate then means the same thing across batch sizes).
+    With ``S = image_features @ text_features.T`` (positives on the diagonal) and margin ``alpha``:
+    ``cost_i2t[i, j] = [alpha - S_ii + S_ij]_+`` (image anchor i, caption negative j) and
+    ``cost_t2i[j, i] = [alpha - S_jj + S_ij]_+`` (caption anchor j, image negative i), for j != i.
+    ``max_violation=False`` sums each anchor's costs over its negatives, ``True`` keeps their maximum.
 
-    ``printed_sign=True`` is the report's literal equations, ``[alpha - s(i, c') + s(i, c)]_+``: the positive and
-    negative similarities swapped, which rewards pushing positives apart. Kept only to show that it fails.
+    ``reduction="sum"`` sums the per-anchor costs over the batch, as the VSE++ reference does
+    (``ContrastiveLoss`` in fartashf/vsepp returns ``cost_s.sum() + cost_im.sum()``); ``"mean"`` divides each
+    direction by B, so the loss scale (and with SGD the effective learning rate) does not grow with the batch.
+    A batch of one has no negatives: the loss is 0.
+
+    ``printed_sign=True`` is the report's literal formula, ``[alpha - s(i, c') + s(i, c)]_+`` with (i, c) the
+    positive: positive and negative similarities swapped, which rewards pushing positives apart. It is kept only
+    to show that it fails.
     """
 
     def __init__(self, margin: float = 0.2, max_violation: bool = False, reduction: str = "sum",
@@ -46,30 +63,41 @@ class TripletLoss(nn.Module):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_pairs(image_features, text_features)
-        sims = image_features @ text_features.T  # (B, B)
+        sims = image_features @ text_features.T  # (B, B): sims[i, j] = s(image i, caption j)
         if self.printed_sign:
-            sims = -sims  # margin - S_ii + S_ij becomes margin + S_ii - S_ij, as printed
-        positives = sims.diagonal().unsqueeze(1)  # (B, 1)
-        negatives = ~torch.eye(len(sims), dtype=torch.bool, device=sims.device)
-        cost_i2t = (self.margin - positives + sims).clamp(min=0) * negatives  # image anchors, caption negatives
-        cost_t2i = (self.margin - positives + sims.T).clamp(min=0) * negatives  # caption anchors, image negatives
-        if self.max_violation:
+            sims = -sims  # alpha - S_ii + S_ij becomes alpha + S_ii - S_ij, as printed
+        positives = sims.diagonal()  # (B,)
+        is_negative = _off_diagonal_mask(len(sims), sims.device)  # (B, B)
+        # Row a of each cost matrix is anchor a; the diagonal (the positive itself) is masked to 0.
+        cost_i2t = (self.margin - positives[:, None] + sims).clamp(min=0) * is_negative  # (B, B) images x captions
+        cost_t2i = (self.margin - positives[:, None] + sims.T).clamp(min=0) * is_negative  # (B, B) captions x images
+        if self.max_violation:  # costs are >= 0, so the masked 0 on the diagonal never wins over a real violation
             per_anchor_i2t, per_anchor_t2i = cost_i2t.max(dim=1).values, cost_t2i.max(dim=1).values  # (B,)
         else:
-            per_anchor_i2t, per_anchor_t2i = cost_i2t.sum(dim=1), cost_t2i.sum(dim=1)
+            per_anchor_i2t, per_anchor_t2i = cost_i2t.sum(dim=1), cost_t2i.sum(dim=1)  # (B,)
         reduce = torch.sum if self.reduction == "sum" else torch.mean
         loss_i2t, loss_t2i = reduce(per_anchor_i2t), reduce(per_anchor_t2i)
         return {"loss": loss_i2t + loss_t2i, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i}
 
 
 class InfoNCELoss(nn.Module):
-    """Symmetric InfoNCE (SimCLR/CLIP) over the batch: the smooth weighting of all negatives (Eq. 4).
+    """Symmetric InfoNCE over the batch: the "smooth weighting of all negatives" (timofeev2022 Eq. 4; SimCLR,
+    Chen et al. 2020; CLIP, Radford et al. 2021).
 
-    ``loss = (CE(S / tau, diag) + CE(S.T / tau, diag)) / 2``, the positive kept in the denominator as in SimCLR's
-    and CLIP's code. ``exclude_positive_from_denominator=True`` is the report's literal Eq. (4), whose
-    denominator runs over negatives only (a copy of SimCLR's self-mask onto the positive; kept as a flagged
-    variant, see METHOD_NOTES). ``learn_temperature=True`` learns ``logit_scale = log(1 / tau)``, clamped to at
-    most log(100) as in CLIP (Radford et al. 2021).
+    ``logits = S / temperature`` with ``S = image_features @ text_features.T`` and
+    ``loss = (CE(logits, diag) + CE(logits.T, diag)) / 2``: each direction is the mean over anchors of
+    ``-log(exp(S_ii / tau) / sum_j exp(S_ij / tau))``, the positive kept in the denominator as in SimCLR's and
+    CLIP's code (open_clip ``ClipLoss``). Eq. (4) adds the two directions instead of averaging them; averaging
+    only halves the scale (CLIP's convention; Adam is invariant to it).
+
+    ``exclude_positive_from_denominator=True`` is the report's literal Eq. (4), whose denominators run over
+    negatives only (``1[c' != c]``): SimCLR's mask of the anchor's self-similarity copied onto the positive. It
+    is unbounded below (the loss goes to -inf as positives separate from negatives) and needs B >= 2; it is kept
+    only as a flagged variant (see METHOD_NOTES).
+
+    ``learn_temperature=True`` learns ``logit_scale = log(1 / temperature)`` (an ``nn.Parameter`` initialised
+    from ``temperature``), clamped in forward to at most log(100), i.e. a temperature of at least 0.01, as in
+    CLIP. Past the cap the parameter gets no gradient. :attr:`temperature` is the temperature in use.
     """
 
     MAX_LOGIT_SCALE = math.log(100.0)
@@ -77,78 +105,105 @@ class InfoNCELoss(nn.Module):
     def __init__(self, temperature: float = 0.07, learn_temperature: bool = False,
                  exclude_positive_from_denominator: bool = False):
         super().__init__()
-        if temperature <= 0:
+        if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        # float64, so float64 inputs keep full precision (a 0-d tensor does not up-cast float32 inputs).
-        logit_scale = torch.tensor(math.log(1.0 / temperature), dtype=torch.float64)
-        if learn_temperature:
-            self.logit_scale = nn.Parameter(logit_scale)
-        else:
-            self.register_buffer("logit_scale", logit_scale)
+        if learn_temperature and math.log(1.0 / temperature) > self.MAX_LOGIT_SCALE:
+            raise ValueError(f"a learned temperature starts clamped (no gradient) below 0.01, got {temperature}")
+        self.learn_temperature = learn_temperature
         self.exclude_positive_from_denominator = exclude_positive_from_denominator
+        self._fixed_temperature = float(temperature)
+        if learn_temperature:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        else:
+            self.register_parameter("logit_scale", None)  # a fixed temperature divides exactly, in any dtype
 
     @property
     def temperature(self) -> float:
-        return float(1.0 / self.logit_scale.detach().clamp(max=self.MAX_LOGIT_SCALE).exp())
+        if self.logit_scale is None:
+            return self._fixed_temperature
+        return math.exp(-min(float(self.logit_scale.detach()), self.MAX_LOGIT_SCALE))
 
     def _direction(self, logits: torch.Tensor) -> torch.Tensor:
-        labels = torch.arange(len(logits), device=logits.device)
+        """Mean over the rows (anchors) of -log softmax at the positive (the diagonal)."""
         if not self.exclude_positive_from_denominator:
-            return F.cross_entropy(logits, labels)
+            return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
         positives = logits.diagonal()  # (B,)
-        negatives = logits.masked_fill(torch.eye(len(logits), dtype=torch.bool, device=logits.device), -torch.inf)
-        return (torch.logsumexp(negatives, dim=1) - positives).mean()
+        negatives_only = logits.masked_fill(~_off_diagonal_mask(len(logits), logits.device), -torch.inf)  # (B, B)
+        return (torch.logsumexp(negatives_only, dim=1) - positives).mean()
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_pairs(image_features, text_features)
         if self.exclude_positive_from_denominator and len(image_features) < 2:
-            raise ValueError("the literal Eq. (4) needs at least one negative: batch size >= 2")
-        logits = self.logit_scale.clamp(max=self.MAX_LOGIT_SCALE).exp() * image_features @ text_features.T  # (B, B)
+            raise ValueError("the literal Eq. (4) needs at least one negative: batch size must be at least 2")
+        sims = image_features @ text_features.T  # (B, B)
+        if self.logit_scale is None:
+            logits = sims / self._fixed_temperature  # (B, B)
+        else:
+            logits = self.logit_scale.clamp(max=self.MAX_LOGIT_SCALE).exp() * sims  # (B, B)
         loss_i2t, loss_t2i = self._direction(logits), self._direction(logits.T)
         return {"loss": (loss_i2t + loss_t2i) / 2, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i}
 
 
 class BarlowTwinsLoss(nn.Module):
-    """Barlow Twins between image and text embeddings (Eq. 3; Zbontar et al. 2021).
+    """Barlow Twins between image and text embeddings (timofeev2022 Eq. 3 and Sec. IV-A; Zbontar et al. 2021).
 
-    Each side is batch-normalised without affine parameters (biased variance, eps 1e-5, as
-    ``BatchNorm1d(affine=False)`` in training mode); ``C = z_img.T @ z_txt / B`` and
-    ``loss = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2``. ``lambd`` is not given in the report: 0.0051
-    is the Barlow Twins default.
+    Each side is standardised over the batch without affine parameters (zero mean, biased variance, ``eps``
+    added to the variance: ``nn.BatchNorm1d(D, affine=False)`` in training mode), then
+    ``C = z_image.T @ z_text / B`` (D, D) and
+    ``loss = on_diagonal + lambd * off_diagonal`` with ``on_diagonal = sum_i (1 - C_ii)^2`` and
+    ``off_diagonal = sum_{i != j} C_ij^2`` (returned unscaled by ``lambd``). The report gives no lambda: 0.0051
+    is the Barlow Twins default. Batch statistics need B >= 2.
     """
 
     def __init__(self, lambd: float = 0.0051, eps: float = 1e-5):
         super().__init__()
+        if lambd < 0 or eps < 0:
+            raise ValueError(f"lambd and eps must be non-negative, got lambd={lambd}, eps={eps}")
         self.lambd, self.eps = lambd, eps
 
     def _standardise(self, features: torch.Tensor) -> torch.Tensor:
-        mean = features.mean(dim=0, keepdim=True)
-        variance = features.var(dim=0, unbiased=False, keepdim=True)
-        return (features - mean) / torch.sqrt(variance + self.eps)
+        mean = features.mean(dim=0, keepdim=True)  # (1, D)
+        variance = features.var(dim=0, unbiased=False, keepdim=True)  # (1, D)
+        return (features - mean) / torch.sqrt(variance + self.eps)  # (B, D)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_pairs(image_features, text_features)
-        if len(image_features) < 2:
-            raise ValueError("Barlow Twins normalises over the batch: batch size must be at least 2")
         batch = len(image_features)
+        if batch < 2:
+            raise ValueError("Barlow Twins normalises over the batch: batch size must be at least 2")
         correlation = self._standardise(image_features).T @ self._standardise(text_features) / batch  # (D, D)
-        diagonal = correlation.diagonal()
-        on_diagonal = (1 - diagonal).pow(2).sum()
-        off_diagonal = correlation.pow(2).sum() - diagonal.pow(2).sum()
+        on_diagonal = (1 - correlation.diagonal()).pow(2).sum()
+        off_diagonal = (correlation.pow(2) * _off_diagonal_mask(len(correlation), correlation.device)).sum()
         return {"loss": on_diagonal + self.lambd * off_diagonal, "on_diagonal": on_diagonal,
                 "off_diagonal": off_diagonal}
 
 
+def _triplet(max_violation: bool, options: dict) -> TripletLoss:
+    if "max_violation" in options:
+        raise ValueError("the loss name sets max_violation: use 'sum_triplet' or 'max_triplet' instead")
+    return TripletLoss(max_violation=max_violation, **options)
+
+
+def sum_triplet_loss(**options) -> TripletLoss:
+    """:class:`TripletLoss` summed over negatives (VSE0); ``options`` go to its constructor."""
+    return _triplet(False, options)
+
+
+def max_triplet_loss(**options) -> TripletLoss:
+    """:class:`TripletLoss` with the hardest negative (VSE++); ``options`` go to its constructor."""
+    return _triplet(True, options)
+
+
 LOSSES = {
-    "sum_triplet": lambda **options: TripletLoss(**{"max_violation": False, **options}),
-    "max_triplet": lambda **options: TripletLoss(**{"max_violation": True, **options}),
+    "sum_triplet": sum_triplet_loss,
+    "max_triplet": max_triplet_loss,
     "infonce": InfoNCELoss,
     "barlow_twins": BarlowTwinsLoss,
 }
 
 
-def make_loss(name: str, **options) -> nn.Module:
-    """A loss by its name in :data:`LOSSES` (the names the notebooks' parameters use)."""
+def make_loss(name: str, **kwargs) -> nn.Module:
+    """The loss called ``name`` in :data:`LOSSES` (the names notebooks' parameters use), built with ``kwargs``."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose from {sorted(LOSSES)}")
-    return LOSSES[name](**options)
+    return LOSSES[name](**kwargs)
