@@ -142,3 +142,13 @@ def test_result_file_round_trip(tmp_path, data):
         write_result(tmp_path, "nobody2099", "x", parameters={}, dataset="d", split="s", metrics={})
     with pytest.raises(ValueError, match="run_name"):
         write_result(tmp_path, "drcl2024", "a/b", parameters={}, dataset="d", split="s", metrics={})
+
+
+def test_mean_and_spread_formats_seeds():
+    import pandas as pd
+
+    from xmr.results import mean_and_spread
+
+    frame = pd.DataFrame({"loss": ["a", "a", "b"], "r1": [10.0, 12.0, 7.0]})
+    table = mean_and_spread(frame, "loss", ["r1"])
+    assert table.loc["a", "r1"] == "11.0 ± 1.4" and table.loc["b", "r1"] == "7.0"

