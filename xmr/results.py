@@ -113,11 +113,12 @@ def load_results(results_dir: str | Path, paper_id: str | None = None) -> list[d
 
 
 def paper_numbers(paper_id: str) -> dict:
-    """The numbers a paper reports, with table and section references (``xmr/paper_numbers.json``)."""
-    numbers = json.loads((Path(__file__).with_name("paper_numbers.json")).read_text())
-    if paper_id not in numbers:
-        raise KeyError(f"no reported numbers for {paper_id!r}; have {sorted(numbers)}")
-    return numbers[paper_id]
+    """The numbers a paper reports, with table and section references (``xmr/paper_numbers/<paper_id>.json``)."""
+    path = Path(__file__).with_name("paper_numbers") / f"{paper_id}.json"
+    if not path.exists():
+        known = sorted(file.stem for file in path.parent.glob("*.json"))
+        raise KeyError(f"no reported numbers for {paper_id!r}; have {known}")
+    return json.loads(path.read_text())
 
 
 def mean_and_spread(frame, by: str, columns, digits: int = 1):
