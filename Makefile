@@ -3,13 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 XMR_DATA ?= $(abspath ../shared/data)
-NOTEBOOKS := $(wildcard notebooks/*.ipynb)
+# the comparison reads the paper notebooks' result files: it runs last
+NOTEBOOKS := $(filter-out notebooks/comparison.ipynb,$(wildcard notebooks/*.ipynb)) notebooks/comparison.ipynb
 export XMR_DATA
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: env test notebooks book html bench clean
+.PHONY: env test smoke-notebooks notebooks book html bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +21,11 @@ $(BIN)/.installed: pyproject.toml
 
 env: $(BIN)/.installed  ## create the virtual environment and install xmr with its extras
 
-test: env  ## unit tests, notebooks in smoke mode (nbval) and a strict build of the book
-	$(BIN)/pytest -q tests
+test: env  ## unit tests, the notebooks in smoke mode (nbval), a strict build of the book and a browser check
+	$(BIN)/pytest -q tests --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+smoke-notebooks: env  ## re-execute the smoke references that nbval checks (after changing a notebook)
+	$(BIN)/python tools/smoke_notebooks.py
 
 notebooks: env  ## execute every notebook in place with its default (book) parameters
 	@for nb in $(NOTEBOOKS); do \
@@ -29,7 +33,8 @@ notebooks: env  ## execute every notebook in place with its default (book) param
 		$(BIN)/papermill --cwd notebooks "$$nb" "$$nb" || exit 1; \
 	done
 
-html: env  ## render the site from the already executed notebooks
+html: env  ## render the site from the already executed notebooks (assets served locally: works offline)
+	$(BIN)/python tools/vendor_web_assets.py
 	$(BIN)/jupyter-book build . --builder html -W --keep-going
 
 book: notebooks html  ## execute the notebooks, then render the site into _build/html

@@ -1,0 +1,152 @@
+"""The site: a strict build (-W) from the committed, executed notebooks, then every page opened in a real browser.
+
+The browser test needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them). It serves the
+built site on localhost and, for each page, fails on any request the server answers with an error, any request
+that leaves the site (a CDN the offline book must not need), a console error, an image that did not load,
+math that MathJax did not typeset, or a page without the figures and tables it should have. One screenshot per
+page is kept in ``_build/browser-screenshots/`` as a test artifact.
+"""
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOTS = REPO / "_build" / "browser-screenshots"
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="session")
+def built_site(tmp_path_factory) -> Path:
+    subprocess.run([sys.executable, str(REPO / "tools" / "vendor_web_assets.py")], check=True)
+    output = tmp_path_factory.mktemp("book")
+    jupyter_book = Path(sys.executable).parent / "jupyter-book"
+    build = subprocess.run([str(jupyter_book), "build", str(REPO), "--path-output", str(output), "-W", "--keep-going",
+                            "--builder", "html"], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    return output / "_build" / "html"
+
+
+def site_pages(html: Path) -> list[str]:
+    """Every content page (not Sphinx's generated index, search and module-source pages)."""
+    return sorted(str(path.relative_to(html)) for path in html.rglob("*.html")
+                  if not path.relative_to(html).parts[0].startswith("_") and path.name not in ("genindex.html", "search.html"))
+
+
+def test_book_builds_without_warnings(built_site):
+    page = (built_site / "notebooks" / "timofeev2022.html").read_text()
+    assert "Comparison with the report" in page and page.count("<img") >= 5  # executed figures are embedded
+    assert "Tie rule" in (built_site / "book" / "protocol.html").read_text()
+    assert "retrieval_metrics" in (built_site / "book" / "api.html").read_text()
+    assert "Hodosh" in (built_site / "book" / "references.html").read_text()  # the bibliography is rendered
+
+
+def test_built_site_references_no_cdn(built_site):
+    """Every script and stylesheet the pages load is part of the built site."""
+    for name in site_pages(built_site):
+        text = (built_site / name).read_text()
+        for marker in ('src="https://', 'src="http://', 'href="https://cdn', "cdn.jsdelivr", "unpkg.com", "cdnjs"):
+            assert marker not in text, f"{name} loads {marker!r}: the offline book must serve its assets itself"
+
+
+class RecordingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the site and remembers every request's path and status."""
+
+    def log_request(self, code="-", size="-"):
+        self.server.requests.append((self.path, int(code) if str(code).isdigit() else 0))
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def site_server(built_site):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(RecordingHandler, directory=str(built_site)))
+    server.requests = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser test: install Debian's chromium and chromium-driver")
+        pytest.skip("chromium / chromedriver not installed (apt install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1600"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+WAIT_FOR_MATHJAX = """
+const done = arguments[arguments.length - 1];
+if (window.MathJax && MathJax.startup && MathJax.startup.promise) { MathJax.startup.promise.then(() => done(true)); }
+else { done(false); }
+"""
+
+PAGE_STATE = """
+const images = Array.from(document.querySelectorAll('article img'));
+return {
+  resources: performance.getEntriesByType('resource').map(entry => entry.name),
+  images: images.length,
+  broken_images: images.filter(img => !img.complete || img.naturalWidth === 0).map(img => img.src.slice(0, 80)),
+  tables: document.querySelectorAll('article table').length,
+  math: document.querySelectorAll('article .math').length,
+  typeset: document.querySelectorAll('article mjx-container').length,
+  math_errors: document.querySelectorAll('mjx-merror').length,
+};
+"""
+
+# what each page must show: (figures, tables, typeset equations), at least
+EXPECTED_CONTENT = {
+    "book/protocol.html": (0, 2, 3),
+    "notebooks/timofeev2022.html": (5, 3, 3),
+}
+
+
+def test_every_page_in_a_real_browser(built_site, site_server, browser):
+    base = f"http://127.0.0.1:{site_server.server_address[1]}/"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    problems = []
+    for name in site_pages(built_site):
+        site_server.requests.clear()
+        browser.get(base + name)
+        browser.set_script_timeout(60)
+        has_mathjax = browser.execute_async_script(WAIT_FOR_MATHJAX)
+        state = browser.execute_script(PAGE_STATE)
+        console_errors = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        browser.save_screenshot(str(SCREENSHOTS / (name.replace("/", "__").removesuffix(".html") + ".png")))
+
+        failed = [(path, status) for path, status in site_server.requests if status >= 400]
+        external = [url for url in state["resources"] if not url.startswith(base)]
+        figures, tables, equations = EXPECTED_CONTENT.get(name, (0, 0, 0))
+        checks = {
+            "requests the server refused": failed,
+            "requests that leave the site": external,
+            "console errors": console_errors,
+            "images that did not load": state["broken_images"],
+            "MathJax errors": state["math_errors"],
+            "math left untypeset": state["math"] and (not has_mathjax or state["typeset"] == 0),
+            f"fewer than {figures} figures": state["images"] < figures,
+            f"fewer than {tables} tables": state["tables"] < tables,
+            f"fewer than {equations} typeset equations": state["typeset"] < equations,
+        }
+        problems += [f"{name}: {what}: {detail}" for what, detail in checks.items() if detail]
+    assert not problems, "\n".join(problems)

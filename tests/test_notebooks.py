@@ -1,0 +1,45 @@
+"""Every paper notebook is papermill-ready and has a current smoke reference for nbval.
+
+The smoke references (``tests/smoke_notebooks/<paper_id>.ipynb``, written by ``tools/smoke_notebooks.py``) are
+the notebooks executed with their smoke parameters. ``make test`` runs them with nbval (``--nbval-lax``): every
+cell must run, and the cells tagged ``nbval-check-output`` (dataset statistics, seeded smoke metrics, the
+result files written) must reproduce their saved outputs, after ``tests/nbval_sanitize.cfg``.
+"""
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+from smoke_notebooks import CHECKED, NOTEBOOKS, REFERENCES, paper_ids  # noqa: E402
+
+PAPER_IDS = paper_ids()
+
+
+def code_cells(notebook: nbformat.NotebookNode) -> list[tuple[str, list[str]]]:
+    """(source, tags) of each code cell, without papermill's injected-parameters cell."""
+    return [(cell.source, sorted(cell.metadata.get("tags", []))) for cell in notebook.cells
+            if cell.cell_type == "code" and "injected-parameters" not in cell.metadata.get("tags", [])]
+
+
+def test_every_notebook_has_smoke_parameters_and_one_parameters_cell():
+    assert PAPER_IDS, "no notebook with a smoke parameter file"
+    for path in NOTEBOOKS.glob("*.ipynb"):
+        cells = nbformat.read(path, as_version=4).cells
+        tagged = [cell for cell in cells if "parameters" in cell.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{path.name}: {len(tagged)} cells tagged 'parameters'"
+        assert path.stem in PAPER_IDS, f"{path.name} has no params/{path.stem}_smoke.yaml"
+
+
+@pytest.mark.parametrize("paper_id", PAPER_IDS)
+def test_smoke_reference_is_current(paper_id):
+    reference_path = REFERENCES / f"{paper_id}.ipynb"
+    assert reference_path.exists(), f"run `python tools/smoke_notebooks.py {paper_id}`"
+    notebook = nbformat.read(NOTEBOOKS / f"{paper_id}.ipynb", as_version=4)
+    reference = nbformat.read(reference_path, as_version=4)
+    assert code_cells(reference) == code_cells(notebook), (
+        f"{reference_path.name} is stale: run `python tools/smoke_notebooks.py {paper_id}`")
+    checked = [cell for cell in reference.cells if CHECKED in cell.metadata.get("tags", [])]
+    assert checked and all(cell.outputs for cell in checked), "no strictly checked output to compare"
