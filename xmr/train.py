@@ -82,7 +82,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
             for name, value in batch.items()}
 
 
-def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+def check_finite_losses(losses: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+    """Raise :class:`NonFiniteLossError` naming the loss terms that are NaN or infinite, and where."""
     values = torch.stack([value.detach().float() for value in losses.values()])
     if not bool(torch.isfinite(values).all()):
         bad = {name: float(value.detach()) for name, value in losses.items() if not math.isfinite(float(value.detach()))}
@@ -203,7 +204,7 @@ def fit(model: nn.Module, train_data: Dataset, config: TrainConfig,
             batch = _to_device(batch, device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
                 losses = model.training_losses(batch)
-            _check_finite(losses, epoch, step)
+            check_finite_losses(losses, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             if config.grad_clip_norm is not None:
