@@ -153,19 +153,25 @@ def image_features(split, backbone: ImageBackbone | None = None,
 
 
 @torch.no_grad()
-def text_features(split, backbone: TextBackbone | None = None,
-                  settings: ExtractionSettings | None = None) -> dict[str, torch.Tensor]:
+def text_features(split, backbone: TextBackbone | None = None, settings: ExtractionSettings | None = None,
+                  pooled_only: bool = False) -> dict[str, torch.Tensor]:
     """Backbone features of every caption of ``split`` (image-major order), cached.
 
     Returns ``tokens`` (M, L, 384) float16, ``mask`` (M, L) and ``pooled`` (M, 384) float32 for a frozen
     backbone, or ``lower`` (M, L, 384) float16 and ``mask`` below the trainable layers. L is the longest
-    caption of the split in tokens (at most ``backbone.max_length``).
+    caption of the split in tokens (at most ``backbone.max_length``). ``pooled_only`` computes, caches and
+    returns ``pooled`` alone (a frozen backbone only): for caption sets whose token features would be too
+    large to keep (COCO's 25,000 test captions: about 1 GB). ``split`` needs ``captions``, ``dataset`` and
+    ``split``.
     """
     backbone = backbone if backbone is not None else TextBackbone()
+    if pooled_only and backbone.trainable_top != 0:
+        raise ValueError("pooled features come from the whole (frozen) backbone: use trainable_top=0")
     settings = settings or ExtractionSettings()
     cache = settings.cache or FeatureCache()
     captions = list(split.captions)
-    key = _key(split, backbone, "text", captions, f"wordpiece-uncased-max{backbone.max_length}")
+    key = _key(split, backbone, "text_pooled" if pooled_only else "text", captions,
+               f"wordpiece-uncased-max{backbone.max_length}")
     cached = cache.load(key)
     if cached is not None:
         return cached
@@ -178,12 +184,13 @@ def text_features(split, backbone: TextBackbone | None = None,
         ids = tokens["input_ids"].to(settings.device)
         mask = tokens["attention_mask"].to(settings.device)
         lower = backbone.forward_lower(ids, mask)
-        if backbone.trainable_top == 0:
+        if pooled_only:
+            batch = {"pooled": backbone.forward_upper(lower, mask)["pooled"].float()}
+        elif backbone.trainable_top == 0:
             result = backbone.forward_upper(lower, mask)
-            batch = {"tokens": result["tokens"].half(), "pooled": result["pooled"].float()}
+            batch = {"tokens": result["tokens"].half(), "pooled": result["pooled"].float(), "mask": mask}
         else:
-            batch = {"lower": lower.half()}
-        batch["mask"] = mask
+            batch = {"lower": lower.half(), "mask": mask}
         for name, tensor in batch.items():
             if tensor.dim() >= 2 and name != "pooled":  # pad the token axis to the split's longest caption
                 pad = [0, 0] * (tensor.dim() - 2) + [0, length - tensor.shape[1]]
