@@ -8,7 +8,10 @@ A *model* is any ``nn.Module`` with ``training_losses(batch) -> {"loss": total, 
   epoch and resumed from its checkpoint ends with the same parameters and metrics as an uninterrupted one;
 - a checkpoint (model, optimiser, schedule, history, best so far) is written atomically after every epoch;
 - each epoch is validated (by default Rsum) and the best epoch's weights are restored at the end;
-- a loss term that becomes NaN or infinite stops the run with :class:`NonFiniteLossError`.
+- a loss term that becomes NaN or infinite stops the run with :class:`NonFiniteLossError`;
+- under ``torchrun`` (:mod:`xmr.distributed`) it trains with DistributedDataParallel: ``batch_size`` stays the
+  global batch, split over the ranks, the loss sees the whole of it, rank 0 validates and writes checkpoints,
+  and the run equals a single-process one up to summation order.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
+from . import distributed
 from .features import atomic_torch_save
 from .metrics import retrieval_metrics
 
@@ -155,6 +159,19 @@ def _epoch_seed(config: TrainConfig, epoch: int) -> int:
     return config.seed * 1_000_003 + epoch
 
 
+def _epoch_loader(train_data: Dataset, config: TrainConfig, epoch: int, rank: int = 0,
+                  world_size: int = 1) -> DataLoader:
+    """The epoch's shuffled batches; with ``world_size > 1`` rank ``rank``'s share of each of the same batches."""
+    generator = torch.Generator().manual_seed(_epoch_seed(config, epoch))
+    if world_size == 1:
+        return DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=config.drop_last,
+                          num_workers=config.num_workers, generator=generator)
+    # The single-process loader's sampler (RandomSampler then BatchSampler on the same generator), sharded.
+    global_batches = BatchSampler(RandomSampler(train_data, generator=generator), config.batch_size, config.drop_last)
+    return DataLoader(train_data, batch_sampler=distributed.ShardedBatchSampler(global_batches, rank, world_size),
+                      num_workers=config.num_workers, generator=generator)
+
+
 def fit(model: nn.Module, train_data: Dataset, config: TrainConfig,
         validate: Callable[[nn.Module], dict[str, float]] | None = None,
         checkpoint_dir: str | Path | None = None) -> TrainResult:
@@ -162,9 +179,16 @@ def fit(model: nn.Module, train_data: Dataset, config: TrainConfig,
 
     With ``validate`` the model is evaluated after every epoch and the epoch with the highest
     ``config.select_by`` metric is restored at the end (its metrics are ``best_metrics``).
+
+    In a process group of N > 1 (:mod:`xmr.distributed`) each rank trains on its ``batch_size / N`` share of
+    every global batch through DDP, ``model.loss`` sees the gathered global batch, only rank 0 validates (its
+    metrics are broadcast) and writes checkpoints; every rank returns the same result.
     """
     device = config.resolved_device()
     model.to(device)
+    world_size, rank, is_main = distributed.world_size(), distributed.rank(), distributed.is_main_process()
+    if config.batch_size % world_size:
+        raise ValueError(f"the global batch_size {config.batch_size} must be divisible by the {world_size} processes")
     optimizer = _optimizer(model, config)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.lr_milestones), config.lr_gamma)
     autocast = device.type == "cuda" and config.mixed_precision
@@ -183,6 +207,8 @@ def fit(model: nn.Module, train_data: Dataset, config: TrainConfig,
         schedule.load_state_dict(state["schedule"])
         result, best_state, first_epoch = state["result"], state["best_state"], state["epoch"] + 1
 
+    step_model = (distributed.wrap_model(model, device, getattr(model, "find_unused_parameters", False))
+                  if world_size > 1 else None)  # DDP: ranks start from rank 0's parameters
     started = time.perf_counter() - result.wall_time_s
     pairs_seen = 0
     for epoch in range(first_epoch, config.epochs + 1):
@@ -192,18 +218,17 @@ def fit(model: nn.Module, train_data: Dataset, config: TrainConfig,
             train_data.set_epoch(epoch)
         if hasattr(model, "on_epoch_start"):
             model.on_epoch_start(epoch)
-        loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=config.drop_last,
-                            num_workers=config.num_workers,
-                            generator=torch.Generator().manual_seed(_epoch_seed(config, epoch)))
+        loader = _epoch_loader(train_data, config, epoch, rank, world_size)
         if len(loader) == 0:
             raise ValueError(f"{len(train_data)} training items make no batch of {config.batch_size}")
         model.train()
         sums: dict[str, float] = {}
-        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", disable=not (config.progress and is_main),
+                   leave=False)
         for step, batch in enumerate(bar, start=1):
             batch = _to_device(batch, device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                losses = model.training_losses(batch)
+                losses = model.training_losses(batch) if step_model is None else step_model(batch)
             check_finite_losses(losses, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -213,14 +238,14 @@ def fit(model: nn.Module, train_data: Dataset, config: TrainConfig,
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
             result.step_losses.append(float(losses["loss"].detach()))
-            pairs_seen += len(batch["image"])
+            pairs_seen += len(batch["image"]) * world_size
             bar.set_postfix(loss=f"{result.step_losses[-1]:.4f}")
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                "train_time_s": time.perf_counter() - epoch_started}
         row.update({f"train_{name}": total / len(loader) for name, total in sums.items()})
         schedule.step()
         if validate is not None:
-            metrics = validate(model)
+            metrics = distributed.broadcast_object(validate(model) if is_main else None)
             row.update({f"val_{name}": value for name, value in metrics.items()})
             score = metrics.get(config.select_by) if config.select_by else None
             if config.select_by and score is None:
@@ -231,18 +256,21 @@ def fit(model: nn.Module, train_data: Dataset, config: TrainConfig,
         row["epoch_time_s"] = time.perf_counter() - epoch_started
         result.history.append(row)
         result.wall_time_s = time.perf_counter() - started
-        if config.progress:
+        if config.progress and is_main:
             shown = {k: round(v, 4) for k, v in row.items() if k in ("train_loss", f"val_{config.select_by}")}
             tqdm.write(f"epoch {epoch}: {shown}")
         if checkpoint_path is not None:
-            atomic_torch_save({"epoch": epoch, "config": config.fingerprint(), "model": model.state_dict(),
-                               "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                               "result": result, "best_state": best_state}, checkpoint_path)
+            if is_main:
+                atomic_torch_save({"epoch": epoch, "config": config.fingerprint(), "model": model.state_dict(),
+                                   "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                                   "result": result, "best_state": best_state}, checkpoint_path)
+            distributed.barrier()
 
     if best_state is not None:
         model.load_state_dict(best_state)
     elif result.history and validate is not None and not config.select_by:
-        result.best_epoch, result.best_metrics = result.history[-1]["epoch"], validate(model)
+        result.best_epoch = result.history[-1]["epoch"]
+        result.best_metrics = distributed.broadcast_object(validate(model) if is_main else None)
     trained_time = sum(row["train_time_s"] for row in result.history[first_epoch - 1 :])
     if trained_time > 0 and pairs_seen:
         result.pairs_per_second = pairs_seen / trained_time
