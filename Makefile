@@ -9,6 +9,8 @@ export XMR_DATA
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
+# the Rust tokenizers' thread pool can deadlock a kernel that forks later (git, subprocesses)
+export TOKENIZERS_PARALLELISM := false
 
 .PHONY: env test smoke-notebooks notebooks book html bench clean
 
@@ -22,7 +24,7 @@ $(BIN)/.installed: pyproject.toml
 env: $(BIN)/.installed  ## create the virtual environment and install xmr with its extras
 
 test: env  ## unit tests, the notebooks in smoke mode (nbval), a strict build of the book and a browser check
-	$(BIN)/pytest -q tests --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(BIN)/pytest -q tests --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600
 
 smoke-notebooks: env  ## re-execute the smoke references that nbval checks (after changing a notebook)
 	$(BIN)/python tools/smoke_notebooks.py

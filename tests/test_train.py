@@ -144,6 +144,25 @@ def test_result_file_round_trip(tmp_path, data):
         write_result(tmp_path, "drcl2024", "a/b", parameters={}, dataset="d", split="s", metrics={})
 
 
+def test_load_claims_reads_every_notebooks_wording(tmp_path):
+    from xmr.results import load_claims
+
+    common = dict(parameters={}, dataset="flickr8k", split="test")
+    write_result(tmp_path, "timofeev2022", "cpu_summary", **common, metrics={"claims": [
+        {"claim": "A > B", "report": "+3.8", "ours (mean, per seed)": "+1.8 [1.8]", "held": True}]})
+    write_result(tmp_path, "drcl2024", "cpu_summary", **common, metrics={}, extra={"claims": [
+        {"claim": "C > D", "paper": "+0.02", "ours: mean [per seed]": "-0.001", "verdict": "within noise"}]})
+    write_result(tmp_path, "shi2024", "cpu_summary", **common, metrics={"claims": [
+        {"claim": "fewer parameters", "ours": "16 vs 213", "held": False}]})
+    write_result(tmp_path, "shi2024", "smoke_summary", **common, metrics={"claims": [
+        {"claim": "not read", "ours": "-", "held": True}]})
+    assert load_claims(tmp_path) == [
+        {"paper_id": "drcl2024", "claim": "C > D", "paper": "+0.02", "ours": "-0.001", "verdict": "within noise"},
+        {"paper_id": "shi2024", "claim": "fewer parameters", "paper": "", "ours": "16 vs 213", "verdict": "not held"},
+        {"paper_id": "timofeev2022", "claim": "A > B", "paper": "+3.8", "ours": "+1.8 [1.8]", "verdict": "held"}]
+    assert [row["claim"] for row in load_claims(tmp_path, "smoke_summary")] == ["not read"]
+
+
 def test_mean_and_spread_formats_seeds():
     import pandas as pd
 

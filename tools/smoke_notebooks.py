@@ -38,7 +38,8 @@ def regenerate(paper_id: str) -> Path:
     target = REFERENCES / f"{paper_id}.ipynb"
     executed = papermill.execute_notebook(str(NOTEBOOKS / f"{paper_id}.ipynb"), str(target),
                                           parameters=smoke_parameters(paper_id), cwd=str(REFERENCES),
-                                          kernel_name="python3", progress_bar=False)
+                                          kernel_name="python3", progress_bar=False,
+                                          execution_timeout=600)
     for cell in executed.cells:
         if cell.cell_type == "code" and CHECKED not in cell.metadata.get("tags", []):
             cell.outputs, cell.execution_count = [], None

@@ -1,8 +1,10 @@
-"""Put the site's browser assets under ``_static/vendor/`` so the built book works offline.
+"""Put the site's browser assets under ``_web_assets/vendor/`` so the built book works offline.
 
-Sphinx and myst-nb load MathJax, RequireJS and the ipywidgets embed manager from CDNs by default. This script
+Sphinx and myst-nb load MathJax and the ipywidgets embed manager (with RequireJS) from CDNs by default. This script
 fetches pinned releases from the npm registry (``npm pack``; a package registry, reachable from CI), unpacks the
 files the site needs, and writes them where ``_config.yml`` points (``mathjax_path``, ``nb_ipywidgets_js``).
+``_web_assets`` is an extra ``html_static_path``, so the files are served from ``_static/vendor/``; it is not
+the top-level ``_static`` folder, whose every ``.js`` file jupyter-book would load on every page.
 A second run with the files in place does nothing. Usage: ``python tools/vendor_web_assets.py [--force]``.
 """
 
@@ -16,16 +18,15 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-VENDOR = Path(__file__).resolve().parents[1] / "_static" / "vendor"
+VENDOR = Path(__file__).resolve().parents[1] / "_web_assets" / "vendor"
 
 # npm package -> (files or folders inside the package, destination folder under VENDOR)
 PACKAGES = {
     "mathjax@3.2.2": ("package/es5", "mathjax"),
-    "requirejs@2.3.8": ("package/require.js", "requirejs"),
     "@jupyter-widgets/html-manager@1.0.15": ("package/dist", "html-manager"),
 }
 # what _config.yml references; present means done
-EXPECTED = ("mathjax/tex-mml-chtml.js", "requirejs/require.js", "html-manager/embed-amd.js")
+EXPECTED = ("mathjax/tex-mml-chtml.js", "html-manager/embed.js")
 
 
 def vendor(force: bool = False) -> None:

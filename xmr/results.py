@@ -20,6 +20,7 @@ import torch
 
 RESULT_SCHEMA_VERSION = 1
 PAPER_IDS = ("timofeev2022", "coder2022", "icone2024", "drcl2024", "shi2024")
+COMPARISON_ID = "comparison"  # the cross-paper comparison's result files (notebooks/comparison.ipynb)
 REPORTED_PACKAGES = ("xmr", "torch", "torchvision", "transformers", "timm", "numpy", "scipy", "scikit-learn")
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -77,8 +78,8 @@ def write_result(results_dir: str | Path, paper_id: str, run_name: str, *, param
                  split: str, metrics: dict, history: list | None = None, wall_time_s: float | None = None,
                  device: torch.device | str | None = None, extra: dict | None = None) -> Path:
     """Write ``<results_dir>/<paper_id>/<run_name>.json`` and return its path."""
-    if paper_id not in PAPER_IDS and not paper_id.startswith("test"):
-        raise ValueError(f"unknown paper id {paper_id!r}; expected one of {PAPER_IDS}")
+    if paper_id not in (*PAPER_IDS, COMPARISON_ID) and not paper_id.startswith("test"):
+        raise ValueError(f"unknown paper id {paper_id!r}; expected one of {PAPER_IDS} or {COMPARISON_ID!r}")
     if not run_name or any(c in run_name for c in "/\\ "):
         raise ValueError(f"run_name must be a non-empty file stem without slashes or spaces, got {run_name!r}")
     record = {
@@ -110,6 +111,26 @@ def load_results(results_dir: str | Path, paper_id: str | None = None) -> list[d
     pattern = f"{paper_id}/*.json" if paper_id else "*/*.json"
     records = [json.loads(path.read_text()) for path in sorted(Path(results_dir).glob(pattern))]
     return sorted(records, key=lambda record: (record["paper_id"], record["run_name"]))
+
+
+def load_claims(results_dir: str | Path, run_name: str = "cpu_summary") -> list[dict]:
+    """Each paper's claims as its notebook's summary result file (``<paper_id>/<run_name>.json``) records them.
+
+    The notebooks word their claim tables differently; this reads them into one schema: ``paper_id``,
+    ``claim``, ``paper`` (the paper's figure, "" when the notebook gives none), ``ours`` (what we measured) and
+    ``verdict`` ("held", "not held", or the notebook's own word, e.g. "within noise").
+    """
+    rows = []
+    for path in sorted(Path(results_dir).glob(f"*/{run_name}.json")):
+        record = json.loads(path.read_text())
+        claims = record.get("claims") or record["metrics"].get("claims") or []
+        for claim in claims:
+            paper = next((value for key, value in claim.items() if key.startswith(("paper", "report"))), "")
+            ours = next(value for key, value in claim.items() if key.startswith("ours"))
+            verdict = claim["verdict"] if "verdict" in claim else ("held" if claim["held"] else "not held")
+            rows.append({"paper_id": record["paper_id"], "claim": claim["claim"], "paper": str(paper),
+                         "ours": str(ours), "verdict": verdict})
+    return rows
 
 
 def paper_numbers(paper_id: str) -> dict:
