@@ -119,7 +119,7 @@ const done = arguments[arguments.length - 1];
 const started = Date.now();
 (function wait() {  // the MathJax script loads deferred: poll until its startup promise exists, then await it
   if (window.MathJax && MathJax.startup && MathJax.startup.promise) { MathJax.startup.promise.then(() => done(true)); }
-  else if (!document.querySelector('script[src*="mathjax"]') || Date.now() - started > 30000) { done(false); }
+  else if (!document.querySelector('script[src*="mathjax"]') || Date.now() - started > 120000) { done(false); }
   else { setTimeout(wait, 100); }
 })();
 """
@@ -165,7 +165,7 @@ def test_every_page_in_a_real_browser(built_site, site_server, browser):
     for name in site_pages(built_site):
         site_server.requests.clear()
         browser.get(base + name)
-        browser.set_script_timeout(60)
+        browser.set_script_timeout(150)  # a loaded CI machine can take long to typeset a page's math
         has_mathjax = browser.execute_async_script(WAIT_FOR_MATHJAX)
         state = browser.execute_script(PAGE_STATE)
         console_errors = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
@@ -180,7 +180,8 @@ def test_every_page_in_a_real_browser(built_site, site_server, browser):
             "console errors": console_errors,
             "images that did not load": state["broken_images"],
             "MathJax errors": state["math_errors"],
-            "math left untypeset": state["math"] and (not has_mathjax or state["typeset"] == 0),
+            "math left untypeset": state["math"] and (not has_mathjax or state["typeset"] == 0) and (
+                f"MathJax ready: {has_mathjax}, {state['typeset']} typeset of {state['math']} math elements"),
             **{f"fewer than {count} {what}": state[KEYS[what]] < count for what, count in expected.items()},
         }
         problems += [f"{name}: {what}: {detail}" for what, detail in checks.items() if detail]
