@@ -12,7 +12,7 @@ as usual::
     fit(model, train_data, TrainConfig(batch_size=256), validate=validate, checkpoint_dir="runs/x")
     distributed.cleanup()
 
-With a world size of 1 (no process group, or one process) nothing here is touched and :func:`fit` runs its
+With a world size of 1 (no process group, or one process) nothing here is touched and :func:`~xmr.train.fit` runs its
 single-process code path unchanged.
 
 **What a run of N processes computes.** ``TrainConfig.batch_size`` is the *global* batch, the batch the loss
@@ -25,14 +25,14 @@ use ``nn.SyncBatchNorm``); the tests use neither. With ``drop_last=False`` the l
 loses its ``len % N`` trailing items (shares must have equal sizes for ``all_gather``).
 
 **How the loss sees the global batch (the design).** Losses stay unaware of distribution (house style): they
-are plain modules over (B, D) tensors. :func:`fit` wraps the model in DDP through :func:`wrap_model`, whose
+are plain modules over (B, D) tensors. :func:`~xmr.train.fit` wraps the model in DDP through :func:`wrap_model`, whose
 step module registers a forward pre-hook on ``model.loss`` for the duration of each training step; the hook
 gathers every tensor argument with a batch dimension (features *and* labels, e.g. IConE's instance ids) with
 :func:`gather_loss_inputs`. Nothing about the model changes (its ``state_dict`` keys, ``model.loss.temperature``
 and checkpoints stay those of a single-process run), so no model or loss needed editing. A model without a
 ``loss`` module must gather itself (call :func:`gather_with_grad` in ``training_losses``) and say so with
 ``gathers_global_batch = True``. :class:`GatheredLoss` is the same gathering as an explicit wrapper, for
-scripts that do not use :func:`fit`.
+scripts that do not use :func:`~xmr.train.fit`.
 
 **Gradient scaling convention.** Let ``L(X)`` be the loss on the global batch ``X = [X_0; ...; X_{N-1}]``.
 Every rank computes the same value ``L``. :func:`gather_with_grad` keeps the graph of the local share ``X_r``
@@ -234,7 +234,7 @@ def wrap_model(model: nn.Module, device: torch.device,
     """DDP around :class:`TrainingStep` of ``model`` (parameters shared, broadcast from rank 0 now).
 
     ``find_unused_parameters=True`` is needed when a trainable parameter gets no gradient in a step (for
-    example a loss term with weight 0 that owns parameters); :func:`fit` reads it from the model's attribute
+    example a loss term with weight 0 that owns parameters); :func:`~xmr.train.fit` reads it from the model's attribute
     ``find_unused_parameters`` (default False)."""
     device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else None

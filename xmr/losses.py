@@ -97,7 +97,7 @@ class InfoNCELoss(nn.Module):
 
     ``learn_temperature=True`` learns ``logit_scale = log(1 / temperature)`` (an ``nn.Parameter`` initialised
     from ``temperature``), clamped in forward to at most log(100), i.e. a temperature of at least 0.01, as in
-    CLIP. Past the cap the parameter gets no gradient. :attr:`temperature` is the temperature in use.
+    CLIP. Past the cap the parameter gets no gradient. ``temperature`` (a property) is the temperature in use.
     """
 
     MAX_LOGIT_SCALE = math.log(100.0)
@@ -194,6 +194,7 @@ def max_triplet_loss(**options) -> TripletLoss:
     return _triplet(True, options)
 
 
+#: The losses by the names the notebooks' parameters use (``make_loss(name, **options)``).
 LOSSES = {
     "sum_triplet": sum_triplet_loss,
     "max_triplet": max_triplet_loss,

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .metrics import retrieval_metrics
 
-# model_type in the checkpoint's config.json -> the transformers class that loads it
+#: model_type in the checkpoint's config.json -> the transformers class that loads it.
 ZERO_SHOT_MODELS = {"clip": "CLIPModel", "align": "AlignModel", "altclip": "AltCLIPModel",
                     "groupvit": "GroupViTModel"}
 

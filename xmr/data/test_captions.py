@@ -76,7 +76,7 @@ class CaptionSet:
 
 def load_test_captions(dataset: str, split: str = "test", root: str | os.PathLike | None = None) -> CaptionSet:
     """The captions of one set in ``TEST_CAPTION_FILES``: ``("coco", "test5k" | "test1k" | "dev")`` or
-    ``("flickr30k", "test" | "dev")``. Raises :class:`DatasetNotFoundError` / :class:`DatasetFormatError`
+    ``("flickr30k", "test" | "dev")``. Raises ``DatasetNotFoundError`` / ``DatasetFormatError``
     (naming the expected layout and the official source) for a missing or malformed file."""
     if (dataset, split) not in TEST_CAPTION_FILES:
         raise ValueError(f"unknown caption set {dataset}/{split}; choose from "

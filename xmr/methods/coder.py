@@ -89,8 +89,6 @@ def diversity_scores(sims: torch.Tensor, negative_mask: torch.Tensor | None = No
 
 
 class DiversityContrastiveLoss(nn.Module):
-    FORMS = ("literal", "infonce_margin")
-
     """Diversity-sensitive contrastive loss (Eq. 5; ``diversity=False``: the implicit form, Eq. 4).
 
     ``forward(image_features, text_features)`` takes (B, D) L2-normalised pairs (row i of each is a positive
@@ -108,6 +106,8 @@ class DiversityContrastiveLoss(nn.Module):
     neither negatives nor part of its diversity: another caption of the same image in the batch or the bank is
     not a negative. The paper says nothing about this; without ids every non-diagonal candidate is a negative.
     """
+
+    FORMS = ("literal", "infonce_margin")
 
     def __init__(self, mu: float = 0.1, gamma: float = 0.3, eps: float = 0.1, diversity: bool = True,
                  bank_diversity: bool = True, positive_floor: float = 1e-6, form: str = "literal"):

@@ -419,9 +419,9 @@ class DRCLSettings:
 
 
 
-# Table V's variants (paper numbers in parentheses; #2-#4 remove the three RSC losses in an order lost in the
-# paper's extraction, and #9's two symbols were lost, so it cannot be reproduced). Each maps to the changes of
-# DRCLSettings, plus ``prior`` for run_drcl. "transpose_recast" is not a paper variant.
+#: Table V's variants (paper numbers in parentheses; #2-#4 remove the three RSC losses in an order lost in the
+#: paper's extraction, and #9's two symbols were lost, so it cannot be reproduced). Each maps to the changes of
+#: DRCLSettings, plus ``prior`` for run_drcl. "transpose_recast" is not a paper variant.
 TABLE5_VARIANTS: dict[str, tuple[str, dict]] = {
     "no_spl": ("#1", {"prior": "random"}),
     "no_label_loss": ("#2-#4", {"use_label_loss": False}),

@@ -359,7 +359,7 @@ def caption_retrieval_metrics(features: torch.Tensor, captions_per_image: int = 
 
 
 class CaptionRetrievalValidator:
-    """``validate(model) -> caption_retrieval_metrics`` of a text space on held-out captions, for :func:`fit`."""
+    """``validate(model) -> caption_retrieval_metrics`` of a text space on held-out captions, for :func:`~xmr.train.fit`."""
 
     def __init__(self, text: torch.Tensor, captions_per_image: int = 5, batch_size: int = 1024):
         self.text, self.captions_per_image, self.batch_size = text, captions_per_image, batch_size
@@ -409,7 +409,7 @@ class StageOutcome:
 
 
 def training_time_s(result: TrainResult) -> float:
-    """Seconds in training steps of a :class:`TrainResult`, without the per-epoch validation."""
+    """Seconds in training steps of a :class:`~xmr.train.TrainResult`, without the per-epoch validation."""
     return float(sum(row["train_time_s"] for row in result.history))
 
 
