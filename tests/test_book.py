@@ -142,6 +142,7 @@ return {
 EXPECTED_CONTENT = {
     "book/protocol.html": {"tables": 2, "equations": 3},
     "notebooks/timofeev2022.html": {"figures": 5, "tables": 3, "equations": 3},
+    "notebooks/coder2022.html": {"figures": 3, "tables": 8, "equations": 2},
     "notebooks/icone2024.html": {"figures": 6, "tables": 5, "equations": 2},
     "notebooks/drcl2024.html": {"figures": 5, "tables": 8, "equations": 3},
     "notebooks/shi2024.html": {"figures": 3, "tables": 6, "equations": 1},
