@@ -3,7 +3,9 @@
     python benchmarks/foundation.py [--images 128] [--json out.json]
 
 Prints one line per figure. Evaluation is compared with the VSE++ reference style (a per-query numpy argsort)
-in the same run, so the ratio does not depend on the machine's speed that day.
+in the same run, so the ratio does not depend on the machine's speed that day. Feature extraction is compared
+with the machine's dense limit measured in the same run: the FLOPs of one forward pass (counted by
+``torch.utils.flop_counter``) times the throughput, against the FLOP rate of a large float32 matmul.
 """
 
 from __future__ import annotations
@@ -49,6 +51,23 @@ def timed(function, *args, repeats: int = 1):
     return value, best
 
 
+def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
+    """The practical dense limit of this CPU: FLOP/s of a float32 (size x size) @ (size x size) matmul."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    _, seconds = timed(torch.matmul, a, b, repeats=repeats)
+    return 2 * size**3 / seconds
+
+
+@torch.no_grad()
+def forward_flops(function, *args, **kwargs) -> int:
+    """FLOPs of one call, as torch.utils.flop_counter counts them (matmuls and convolutions, 2 per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        function(*args, **kwargs)
+    return counter.get_total_flops()
+
+
 def bench_extraction(num_images: int) -> dict:
     split = load_flickr8k("test").subset(num_images)
     with tempfile.TemporaryDirectory() as directory:
@@ -56,7 +75,12 @@ def bench_extraction(num_images: int) -> dict:
         image_backbone, text_backbone = ImageBackbone(), TextBackbone()
         _, image_seconds = timed(image_features, split, image_backbone, settings)
         _, text_seconds = timed(text_features, split, text_backbone, settings)
-    return {"images_per_s": num_images / image_seconds, "captions_per_s": 5 * num_images / text_seconds}
+    image_flops = forward_flops(image_backbone.eval(), torch.zeros(1, 3, 224, 224))
+    captions = list(split.captions)  # counted in the extraction's batches of 64, each padded to its longest caption
+    text_flops = sum(forward_flops(text_backbone.eval(), **text_backbone.tokenize(captions[start : start + 64]))
+                     for start in range(0, len(captions), 64)) / len(captions)
+    return {"images_per_s": num_images / image_seconds, "captions_per_s": 5 * num_images / text_seconds,
+            "image_flops": image_flops, "caption_flops": text_flops}
 
 
 def bench_evaluation(num_images: int) -> dict:
@@ -83,9 +107,14 @@ def main() -> None:
     args = parser.parse_args()
     figures = {"torch_threads": torch.get_num_threads()}
     extraction = bench_extraction(args.images)
-    print(f"feature extraction (EfficientNet-Lite0, CPU): {extraction['images_per_s']:.1f} images/s")
-    print(f"feature extraction (all-MiniLM-L6-v2, CPU):   {extraction['captions_per_s']:.1f} captions/s")
-    figures["extraction"] = extraction
+    limit = matmul_flops_per_s()
+    print(f"dense limit (float32 2048^3 matmul): {limit / 1e9:.1f} GFLOP/s")
+    for name, rate, flops, unit in (("EfficientNet-Lite0", extraction["images_per_s"], extraction["image_flops"], "images"),
+                                    ("all-MiniLM-L6-v2", extraction["captions_per_s"], extraction["caption_flops"], "captions")):
+        achieved = rate * flops
+        print(f"feature extraction ({name}, CPU): {rate:.1f} {unit}/s x {flops / 1e9:.3f} GFLOP = "
+              f"{achieved / 1e9:.1f} GFLOP/s, {100 * achieved / limit:.0f}% of the dense limit")
+    figures["extraction"] = {**extraction, "dense_limit_flops_per_s": limit}
     for size in (1000, 5000):
         evaluation = bench_evaluation(size)
         print(f"retrieval_metrics {size} x {5 * size}: {evaluation['seconds']:.3f} s; per-query argsort (VSE++) "

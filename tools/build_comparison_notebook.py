@@ -41,7 +41,8 @@ are the paper notebooks' defaults, not tuned here.
 **What is not in the leaderboard.** DRCL (drcl2024) is a *category-level* method: it needs class labels,
 which Flickr8k does not have, and is evaluated by MAP on Wikipedia and UCI; its comparison with its own
 baselines is shown [below](#category-level-retrieval-drcl) from its notebook's result files. CODER
-(coder2022) is not implemented yet.
+(coder2022) is reproduced in {doc}`coder2022` but not yet trained here at the common budget; its claims are in
+the table at the end.
 """)
 
 code(r"""
