@@ -9,7 +9,7 @@ export XMR_DATA
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
-# the Rust tokenizers' thread pool can deadlock a kernel that forks later (git, subprocesses)
+# a smoke kernel once hung in a tokenizer call; the Rust tokenizers' thread pool is a known deadlock source
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: env test smoke-notebooks notebooks book html bench clean

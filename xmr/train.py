@@ -238,7 +238,7 @@ def fit(model: nn.Module, train_data: Dataset, config: TrainConfig,
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
             result.step_losses.append(float(losses["loss"].detach()))
-            pairs_seen += len(batch["image"]) * world_size
+            pairs_seen += len(next(iter(batch.values()))) * world_size  # items of the global batch
             bar.set_postfix(loss=f"{result.step_losses[-1]:.4f}")
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                "train_time_s": time.perf_counter() - epoch_started}

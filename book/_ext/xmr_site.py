@@ -1,7 +1,7 @@
 """Site fixes for the book (a local Sphinx extension, registered in ``_config.yml``).
 
-sphinx-thebe and sphinx-togglebutton register their inline configuration scripts once per reading pass, and
-the build runs that hook twice (once with filename None, once with ""), so every page carried each script twice; the second
+Every page carried sphinx-thebe's and sphinx-togglebutton's inline configuration scripts twice (registered once
+with filename None and once with "", so Sphinx's own de-duplication missed them); the second
 ``const THEBE_JS_URL`` is a JavaScript SyntaxError in the browser console. Each page keeps the first copy.
 """
 

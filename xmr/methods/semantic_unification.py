@@ -162,7 +162,7 @@ class CaptionGroups(Dataset):
     """Stage 1 data: one item per image holding all its captions' inputs, a positive set.
 
     ``text`` is (N * captions_per_image, C), image-major. An item is ``{"text": (captions_per_image, C),
-    "label": image index, "image": image index}`` (``image`` is what :func:`xmr.train.fit` counts as items).
+    "label": image index}``.
     """
 
     def __init__(self, text: torch.Tensor, captions_per_image: int = 5):
@@ -176,7 +176,7 @@ class CaptionGroups(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         start = index * self.captions_per_image
         label = torch.tensor(index)
-        return {"text": self.text[start : start + self.captions_per_image].float(), "label": label, "image": label}
+        return {"text": self.text[start : start + self.captions_per_image].float(), "label": label}
 
 
 def random_crop_weights(views: int, side: int = 7, min_crop: int = 4,
