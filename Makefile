@@ -32,7 +32,7 @@ smoke-notebooks: env  ## re-execute the smoke references that nbval checks (afte
 notebooks: env  ## execute every notebook in place with its default (book) parameters
 	@for nb in $(NOTEBOOKS); do \
 		echo "papermill $$nb"; \
-		$(BIN)/papermill --cwd notebooks "$$nb" "$$nb" || exit 1; \
+		$(BIN)/papermill --execution-timeout 3600 --cwd notebooks "$$nb" "$$nb" || exit 1; \
 	done
 
 html: env  ## render the site from the already executed notebooks (assets served locally: works offline)
@@ -41,8 +41,8 @@ html: env  ## render the site from the already executed notebooks (assets served
 
 book: notebooks html  ## execute the notebooks, then render the site into _build/html
 
-bench: env  ## the foundation benchmarks (feature extraction, evaluation, training throughput)
-	$(BIN)/python benchmarks/foundation.py
+bench: env  ## every benchmark against its same-run baseline; writes benchmarks/results/cpu.json (idle machine!)
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf _build

@@ -100,11 +100,11 @@ def bench_training(num_images: int, batch_size: int = 64) -> dict:
     return {"pairs_per_s": result.pairs_per_second}
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=256, help="Flickr8k test images for extraction")
     parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     figures = {"torch_threads": torch.get_num_threads()}
     extraction = bench_extraction(args.images)
     limit = matmul_flops_per_s()
@@ -126,6 +126,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as file:
             json.dump(figures, file, indent=1)
+    return figures
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def full_matrix_baseline(queries: torch.Tensor, gallery: torch.Tensor, k: int):
     return torch.topk(scores, k, dim=1)
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gallery", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=1000)
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--faiss-train-size", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     generator = torch.Generator().manual_seed(0)
@@ -132,9 +132,10 @@ def main() -> None:
         recall = "" if row["recall_at_k"] is None else f"{row['recall_at_k']:.4f}"
         print(f"| {row['method']} | {row['gallery']:,} | {row['seconds']:.2f} | {row['peak_mib']:.0f} | {recall} | "
               f"{row['note']} |")
+    figures = {"arguments": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     if args.json is not None:
-        args.json.write_text(json.dumps({"arguments": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
-                                        indent=1))
+        args.json.write_text(json.dumps(figures, indent=1))
+    return figures
 
 
 if __name__ == "__main__":
