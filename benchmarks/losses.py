@@ -222,7 +222,7 @@ CASES = [
          lambda i, t: BARLOW_TWINS(i, t)["loss"], loop_barlow_twins),
     Case("DCL, explicit diversity", "coder2022 Eqs. 3, 5", _pair,
          lambda i, t: DCL(i, t)["loss"], loop_dcl),
-    Case("M-DCL, queue of --bank", "coder2022 Eq. 6", _memory,
+    Case("M-DCL with a queue", "coder2022 Eq. 6", _memory,
          lambda *args: DCL.with_memory(*args)["loss"], loop_memory_dcl),
     Case("instance loss, 6000 classes", "icone2024 Eqs. 1-5", _instances, _instance_module, loop_instance),
     Case("supervised contrastive", "shi2024 Secs. 3.1-3.2", _sets,

@@ -148,6 +148,7 @@ EXPECTED_CONTENT = {
     "notebooks/shi2024.html": {"figures": 3, "tables": 6, "equations": 1},
     "notebooks/comparison.html": {"figures": 1, "tables": 4},
     "notebooks/explorer.html": {"figures": 4, "tables": 1, "widgets": 1},
+    "notebooks/performance.html": {"figures": 3, "tables": 6},
 }
 
 
