@@ -3,7 +3,9 @@
 Every loss in xmr is checked for one DDP step in float64: the loss value and every parameter's gradient (of two
 small linear heads producing the features, and of the loss's own parameters) with world size 2, each rank
 holding half the batch, equal world size 1's on the whole batch to 1e-10. Then ``fit`` end to end: 2 epochs
-under 2 processes end with world size 1's parameters, only rank 0 validates and writes checkpoints.
+under 2 processes end with world size 1's parameters, only rank 0 validates and writes checkpoints. CODER, which
+gathers its own global batch and keeps momentum queues and per-epoch k-means labels, ends its 2 epochs in the
+same state (queues and labels included) under 2 processes as in one.
 """
 import os
 import socket
@@ -289,6 +291,44 @@ def test_fit_under_two_processes_ends_like_one_process(distributed_fits, tmp_pat
 def test_only_rank_zero_writes_checkpoints(distributed_fits):
     out_dir, ranks = distributed_fits
     assert len(ranks[0]["saves"]) == 2 * len(FIT_CONFIGS) and ranks[1]["saves"] == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CODER: a model that gathers itself, with momentum queues and per-epoch k-means
+# ---------------------------------------------------------------------------------------------------------------
+
+def coder_fit(seed: int = 0) -> tuple[nn.Module, object]:
+    """The toy CODER model of test_coder (concepts, queue of 20, K = 4) trained 2 epochs with fit; float32."""
+    from test_coder import _toy_model, _toy_split
+
+    generator = torch.Generator().manual_seed(seed)
+    image, text, captions = _toy_split(generator)
+    torch.manual_seed(seed)
+    model = _toy_model(generator, captions)
+    model.set_clustering_inputs(image, text, None, 5)
+    config = TrainConfig(epochs=2, batch_size=10, lr=1e-2, device="cpu", progress=False, select_by=None)
+    result = fit(model, PairedFeatures(image, text, None, 5, caption_choice="all"), config)
+    return model, result
+
+
+def _coder_worker(rank: int, out_dir: str) -> None:
+    model, result = coder_fit()
+    own = torch.full((3,), float(rank))  # what broadcast_tensors (used for k-means labels) must replace
+    distributed.broadcast_tensors(own)
+    torch.save({"state": model.state_dict(), "step_losses": result.step_losses, "broadcast": own},
+               f"{out_dir}/coder_{rank}.pt")
+
+
+def test_coder_under_two_processes_ends_like_one_process(tmp_path):
+    run_in_processes(_coder_worker, str(tmp_path))
+    model, result = coder_fit()
+    assert len(model.image_queue) == 20 and bool(model.clustered)
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"coder_{rank}.pt")
+        assert saved["step_losses"] == pytest.approx(result.step_losses, abs=1e-5)
+        assert torch.equal(saved["broadcast"], torch.zeros(3))  # rank 0's values on every rank
+        for name, value in model.state_dict().items():  # heads, key heads, queues and their ids, pseudo labels
+            torch.testing.assert_close(saved["state"][name], value, rtol=1e-5, atol=1e-5, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -112,6 +112,14 @@ def broadcast_object(value, source: int = 0):
     return holder[0]
 
 
+def broadcast_tensors(*tensors: torch.Tensor, source: int = 0) -> None:
+    """Overwrite each tensor, in place, with rank ``source``'s (e.g. k-means labels computed on every rank, which
+    floating-point non-determinism could make differ). World size 1: nothing happens."""
+    if is_distributed():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=source)
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """The (world * B, ...) concatenation of every rank's (B, ...) ``tensor``, rank order; the local share is
     ``tensor`` itself (its autograd graph kept), the others are constants (open_clip's ``gather_features``

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..encoders import ProjectionHead, Tower
 
 PAPER_ID = "coder2022"
@@ -626,9 +627,16 @@ class CODERModel(nn.Module):
     PGC needs :meth:`set_clustering_inputs` (the training split); :meth:`on_epoch_start` re-clusters. DCL uses
     cosine similarities (normalised features); the prototype head reads v^C, w^C as Eq. (7) writes them
     (unnormalised). ``exclude_same_image`` passes a batch's ``image_index`` as ids to every DCL term and to the
-    queues. Single process only: it has no ``loss`` module for :mod:`xmr.distributed` to gather, so a
-    ``torchrun`` fit stops with a clear error (the queues would also need the keys of every rank).
+    queues.
+
+    Under ``torchrun`` (:mod:`xmr.distributed`) the model gathers the global batch itself
+    (``gathers_global_batch``): the backbone features and image ids of every rank are gathered right after the
+    backbones, so every term, the momentum keys and the queues see the global batch, and each rank enqueues the
+    same keys; k-means runs on every rank from the same (synchronised) parameters and rank 0's labels and
+    centroids are broadcast, so the pseudo labels agree.
     """
+
+    gathers_global_batch = True  # training_losses gathers the global batch (see xmr.distributed)
 
     def __init__(self, image_backbone: Tower, text_backbone: Tower, image_dim: int, text_dim: int,
                  settings: CODERSettings, concept_branch: ConceptBranch | None = None):
@@ -688,6 +696,10 @@ class CODERModel(nn.Module):
         settings = self.settings
         image_features = self.image_backbone(batch["image"])  # (B, D_image)
         text_features = self.text_backbone(batch["text"], batch.get("text_mask"))  # (B, D_text)
+        # The global batch under torchrun (every rank's rows, rank order; gradients scaled as in
+        # xmr.distributed); unchanged in a single process. From here on B is the global batch.
+        (image_features, text_features, image_index), _ = distributed.gather_loss_inputs(
+            (image_features, text_features, batch.get("image_index")), {})
         image_instance = F.normalize(self.image_head(image_features), dim=-1)  # v^I (B, F)
         text_instance = F.normalize(self.text_head(text_features), dim=-1)  # w^I (B, F)
         losses = {}
@@ -701,7 +713,7 @@ class CODERModel(nn.Module):
             image_bank = self.image_queue.contents().to(image_instance.dtype)  # (Q, F)
             text_bank = self.text_queue.contents().to(image_instance.dtype)  # (Q, F)
             bank_ids = self.image_queue.ids()  # (Q,) the image index of each key (both queues move in step)
-        pair_ids = batch.get("image_index") if settings.exclude_same_image else None  # (B,) or None
+        pair_ids = image_index if settings.exclude_same_image else None  # (B,) or None
         pair_ids = pair_ids.to(image_instance.device) if pair_ids is not None else None
         if pair_ids is None:
             bank_ids = None
@@ -723,14 +735,14 @@ class CODERModel(nn.Module):
             losses["dcl_concept"] = concept["loss"]
             total = total + concept["loss"]
             if settings.prototypes and len(self.prototype_labels) > 0:
-                labels = self.prototype_labels[batch["image_index"].to(self.prototype_labels.device)]  # (B,)
+                labels = self.prototype_labels[image_index.to(self.prototype_labels.device)]  # (B,)
                 if bool((labels >= 0).all()):  # -1: not clustered yet
                     prototype = self.prototype_loss(image_concept, text_concept, labels)  # P^C v^C, as Eq. (7)
                     losses["pgc"] = prototype["loss"]
                     total = total + prototype["loss"]
         if settings.memory_bank:  # after the losses: they read copies of the queues
-            self.image_queue.enqueue(image_keys, batch.get("image_index"))
-            self.text_queue.enqueue(text_keys, batch.get("image_index"))
+            self.image_queue.enqueue(image_keys, image_index)
+            self.text_queue.enqueue(text_keys, image_index)
         return {"loss": total, **losses}
 
     # --- prototypes (Eq. 7) -----------------------------------------------------------------------------------
@@ -774,6 +786,7 @@ class CODERModel(nn.Module):
                                       seed=self.settings.seed * 1_000 + epoch, initial_centroids=previous)
         self.prototype_labels = self.last_clustering.labels.to(features.device)
         self.prototype_centroids.copy_(self.last_clustering.centroids)
+        distributed.broadcast_tensors(self.prototype_labels, self.prototype_centroids)  # rank 0's, under torchrun
         self.clustered.fill_(True)
 
 
