@@ -1,6 +1,6 @@
 """Each loss's forward+backward time against a per-anchor loop formulation of the same equation.
 
-    python benchmarks/losses.py [--batch 128] [--dim 256] [--bank 4096] [--json out.json]
+    python benchmarks/losses.py [--batch 128] [--dim 256] [--bank 4096]
 
 The loop formulations compute one anchor (one row of the similarity matrix, or one sample) at a time with
 vector operations: the equations as they read, and how a first implementation is often written. Before
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -287,13 +286,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--bank", type=int, default=4096, help="M-DCL's queue (coder2022: 4096)")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
-    parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    figures = run(args.batch, args.dim, args.bank, args.min_run_time)
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(figures, file, indent=1)
-    return figures
+    return run(args.batch, args.dim, args.bank, args.min_run_time)  # benchmarks/run_all.py records the figures
 
 
 if __name__ == "__main__":

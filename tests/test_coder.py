@@ -1,5 +1,6 @@
 """CODER (coder2022): diversity (Eq. 3), DCL (Eqs. 4-5) and M-DCL (Eq. 6) against plain-loop references, the
 momentum queue and update, k-means against scikit-learn, the prototype head (Eq. 7)."""
+import dataclasses
 import math
 
 import pytest
@@ -8,10 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmr.data import PairedFeatures
+from xmr.encoders import count_trainable_parameters
 from xmr.methods.coder import (PAPER_ID, CODERSettings, ConceptBranch, DiversityContrastiveLoss, MomentumQueue,
                                PrototypeClassificationLoss, build_coder_model, concept_adjacency,
                                concept_cooccurrence, concept_word_vectors, diversity_scores, kmeans, mine_concepts,
-                               momentum_encoder, momentum_update, raw_diversity)
+                               momentum_encoder, momentum_update, raw_diversity, run_coder)
 from xmr.results import paper_numbers
 from xmr.train import RetrievalValidator, TrainConfig, fit
 
@@ -596,3 +598,20 @@ def test_paper_numbers_cover_the_tables():
     assert len(numbers["table2_ablation_f30k"]["rows"]) == 5
     assert len(numbers["table3_dcl_configurations_f30k"]["rows"]) == 6
     assert [row[0] for row in numbers["table4_clusters_f30k"]["rows"].values()] == [5000, 10000, 15000, 20000]
+
+
+def test_run_coder_is_seeded_by_the_config_and_clusters_when_it_has_prototypes(generator):
+    from xmr.experiment import CaptionInputs
+
+    image, text, captions = _toy_split(generator)
+    words = torch.randn(6, 5, generator=generator)
+    inputs = CaptionInputs(image, text)
+    settings = CODERSettings(embed_dim=8, queue_size=20, num_concepts=6, num_clusters=4, kmeans_iterations=5,
+                             seed=7)  # run_coder replaces the k-means seed by the config's
+    config = TrainConfig(epochs=1, batch_size=10, lr=1e-3, device="cpu", progress=False, seed=3)
+    first, again = (run_coder(settings, config, inputs, inputs, inputs, captions, words) for _ in range(2))
+    assert first.test_metrics == again.test_metrics and first.model.settings.seed == 3
+    assert bool(first.model.clustered) and len(first.training.step_losses) == 12  # "all": 120 captions / 10
+    other = run_coder(settings, dataclasses.replace(config, seed=4), inputs, inputs, inputs, captions, words)
+    assert not torch.equal(other.model.image_head.net[-1].weight, first.model.image_head.net[-1].weight)
+    assert first.trainable_parameters == count_trainable_parameters(first.model)

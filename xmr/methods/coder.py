@@ -46,6 +46,7 @@ Equation numbers are the paper's.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -56,7 +57,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
-from ..encoders import ProjectionHead, Tower
+from ..data import PairedFeatures
+from ..encoders import ProjectionHead, Tower, count_trainable_parameters
+from ..experiment import CaptionInputs, ExperimentOutcome
+from ..train import TrainConfig, encode, evaluate_retrieval, fit
 
 PAPER_ID = "coder2022"
 
@@ -759,8 +763,6 @@ class CODERModel(nn.Module):
     @torch.no_grad()
     def prototype_features(self, batch_size: int = 512) -> torch.Tensor:
         """Per training image, v^I + the mean w^I of its captions (N, F): what k-means clusters (Sec. 3.4)."""
-        from ..train import encode
-
         image, text, text_mask, per_image = self._clustering_inputs
         device = self.image_head.net[-1].weight.device
         was_training = self.training
@@ -807,3 +809,23 @@ def build_coder_model(settings: CODERSettings, captions: Sequence[str] | None = 
                                          settings.concept_threshold, settings.smoothness, word_vectors, text_backbone)
     return CODERModel(Tower(nn.Identity(), image_upper), Tower(nn.Identity(), text_upper), image_dim, text_dim,
                       settings, branch)
+
+
+def run_coder(settings: CODERSettings, config: TrainConfig, train: CaptionInputs, validation: CaptionInputs,
+              test: CaptionInputs, captions: Sequence[str], word_vectors: torch.Tensor | None = None,
+              caption_choice: str = "all") -> ExperimentOutcome:
+    """Build a CODER model on pooled inputs (seeded by ``config.seed``, which also seeds k-means), train it on
+    ``train`` with :func:`xmr.train.fit` (``caption_choice="all"``: an epoch over every caption; ``"random"``: one
+    caption per image per epoch), restore the best validation epoch and evaluate it on ``test``. ``captions`` are the training
+    captions the concepts are mined from; ``word_vectors`` their precomputed vectors (see
+    :func:`concept_word_vectors`), shared between runs."""
+    torch.manual_seed(config.seed)
+    model = build_coder_model(dataclasses.replace(settings, seed=config.seed), captions, train.image.shape[-1],
+                              train.text.shape[-1], word_vectors=word_vectors)  # pooled inputs: their own dims
+    if settings.prototypes:
+        model.set_clustering_inputs(train.image, train.text, train.text_mask, train.captions_per_image)
+    pairs = PairedFeatures(train.image, train.text, train.text_mask, train.captions_per_image,
+                           caption_choice=caption_choice, seed=config.seed)
+    training = fit(model, pairs, config, validate=validation.validator())
+    test_metrics = evaluate_retrieval(model, test.image, test.text, test.text_mask, test.captions_per_image)
+    return ExperimentOutcome(model, training, test_metrics, count_trainable_parameters(model))
