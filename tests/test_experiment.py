@@ -22,6 +22,28 @@ def test_inputs_for_frozen_and_fine_tuned_tops(data_root, settings):
     assert top.image.shape == (6, 192, 7, 7) and top.text.shape[:1] == (30,) and top.text_mask is not None
 
 
+def test_region_inputs_sort_once_and_feed_gpo_towers(data_root, settings):
+    regions = load_caption_inputs("test", num_images=6, root=data_root, settings=settings, regions=True)
+    assert regions.image.shape == (6, 49, 1280) and regions.text.shape[:1] == (30,)
+    assert regions.image.dtype == torch.float16 and regions.text_mask.shape == regions.text.shape[:2]
+    pooled = load_caption_inputs("test", num_images=6, root=data_root, settings=settings)
+    torch.testing.assert_close(regions.image.float().mean(dim=1), pooled.image, atol=2e-3, rtol=2e-3)  # the grid's mean
+    ordered = regions.sorted_regions(chunk=4)
+    assert ordered.image.dtype == torch.float16
+    assert bool((ordered.image[:, 1:] <= ordered.image[:, :-1]).all())
+    torch.manual_seed(0)
+    model = build_dual_encoder(DualEncoderSettings(embed_dim=8, pooling="gpo"))
+    torch.testing.assert_close(model.encode_image(ordered.image), model.encode_image(regions.image))
+    torch.testing.assert_close(model.encode_text(ordered.text, ordered.text_mask),
+                               model.encode_text(regions.text, regions.text_mask))
+    with pytest.raises(ValueError, match="region/token"):
+        pooled.sorted_regions()
+    with pytest.raises(ValueError, match="regions=True"):
+        load_caption_inputs("test", image_top=1, num_images=6, root=data_root, settings=settings, regions=True)
+    with pytest.raises(ValueError, match="pooling"):
+        build_dual_encoder(DualEncoderSettings(pooling="max"))
+
+
 def test_fine_tuning_trains_only_the_top_and_the_heads():
     model = build_dual_encoder(DualEncoderSettings(loss="max_triplet", embed_dim=32, image_top=1, text_top=1))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}

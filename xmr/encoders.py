@@ -12,9 +12,15 @@ The lower part's output is what the feature cache stores (:mod:`xmr.features`), 
 the upper part on cached activations, while a GPU run can set ``trainable_top`` to every stage and fine-tune
 the whole encoder end to end from pixels and token ids. Batch-norm statistics stay frozen (eval mode) in
 every case: the batches we train with are too small to re-estimate them.
+
+A :class:`Tower` pools region/token features by their (masked) mean, or with a learned pooling such as
+:class:`GPO` (the generalized pooling operator of VSE-infinity, Chen et al., CVPR 2021).
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +46,102 @@ def masked_mean(features: torch.Tensor, mask: torch.Tensor | None = None) -> tor
         return features.mean(dim=1)
     weights = mask.to(features.dtype).unsqueeze(-1)  # (B, L, 1)
     return (features * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def sort_regions(features: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each dimension's values over the valid positions of (B, L, D) ``features``, in descending order.
+
+    Returns ``(sorted, sorted_mask)``: position k of ``sorted`` holds, per dimension, the k-th largest value among
+    the positions where ``mask`` (B, L) is 1; the padding comes last and is zero, so ``sorted_mask`` (B, L) marks
+    the first ``mask.sum(1)`` positions. Inputs that are already in that order are returned as they are after a
+    check (frozen features sorted once, see :meth:`xmr.experiment.CaptionInputs.sorted_regions`). Inputs that
+    need no gradient are sorted by numpy on the CPU, which sorts many short rows far faster than ``torch.sort``
+    (a (128, 49, 1280) batch on one thread: about 20 ms in all against 225 ms); otherwise ``torch.sort``, whose
+    values carry the gradient.
+    """
+    batch, length, _ = features.shape
+    valid = mask.bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=features.device)
+    padded = not bool(valid.all())
+    filled = features.masked_fill(~valid.unsqueeze(-1), -math.inf) if padded else features
+    sorted_mask = torch.arange(length, device=features.device) < valid.sum(dim=1, keepdim=True)  # (B, L)
+    if bool((filled[:, 1:] <= filled[:, :-1]).all()):  # already descending, the padding last
+        return features.masked_fill(~sorted_mask.unsqueeze(-1), 0.0) if padded else features, sorted_mask
+    if filled.requires_grad or filled.device.type != "cpu":
+        values = filled.sort(dim=1, descending=True).values
+    else:
+        rows = filled.transpose(1, 2).contiguous().numpy()  # (B, D, L): one short row per dimension
+        rows.sort(axis=-1)  # ascending, in place
+        values = torch.from_numpy(rows[..., ::-1].copy()).transpose(1, 2)  # (B, L, D) descending, a view
+    if padded:
+        values = values.masked_fill(~sorted_mask.unsqueeze(-1), 0.0)
+    return values, sorted_mask
+
+
+@functools.lru_cache(maxsize=64)
+def positional_encoding(length: int, dim: int) -> torch.Tensor:
+    """(length, dim) sinusoidal encodings of the positions 0..length-1 (Vaswani et al. 2017); ``dim`` even.
+    Cached: treat the result as read-only."""
+    if dim % 2:
+        raise ValueError(f"the encoding dimension must be even, got {dim}")
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)  # (L, 1)
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # (dim/2,)
+    encoding = torch.zeros(length, dim)
+    encoding[:, 0::2] = torch.sin(position * frequency)
+    encoding[:, 1::2] = torch.cos(position * frequency)
+    return encoding
+
+
+class GPO(nn.Module):
+    """Generalized pooling operator (VSE-infinity: Chen et al., "Learning the best pooling strategy for visual
+    semantic embedding", CVPR 2021, Sec. 3): ``pool(x)_d = sum_k theta_k * sort_desc(x_{., d})_k``.
+
+    The weights theta (one per rank k, shared by every dimension) come from the set size alone: sinusoidal
+    encodings of the positions 1..n go through a bidirectional GRU, the two directions are averaged, a linear
+    layer scores each position, and a softmax with temperature ``temperature`` normalises them over the n valid
+    positions (the paper's defaults: 32-d encodings, 32-d GRU, temperature 0.1; the scoring layer has no bias,
+    which the softmax would ignore and Adam would move on round-off alone). Uniform weights give the mean,
+    a one-hot first weight the max, so GPO learns where to sit between them (and top-k means) per set size.
+
+    ``forward(features (B, L, D), mask (B, L) | None)`` returns (B, D). ``presorted=True`` declares that the
+    inputs are already :func:`sort_regions`' output (features and sorted mask): a model whose several GPOs read
+    the same regions sorts them once.
+    """
+
+    def __init__(self, encoding_dim: int = 32, hidden_dim: int = 32, temperature: float = 0.1,
+                 presorted: bool = False):
+        super().__init__()
+        self.encoding_dim, self.temperature, self.presorted = encoding_dim, temperature, presorted
+        self.gru = nn.GRU(encoding_dim, hidden_dim, batch_first=True, bidirectional=True)
+        self.score = nn.Linear(hidden_dim, 1, bias=False)  # a bias would shift every score: softmax ignores it
+
+    def weights(self, lengths: torch.Tensor, max_length: int) -> torch.Tensor:
+        """theta (B, max_length) for sets of ``lengths`` (B,): zero beyond each length, summing to one. The GRU
+        runs once per distinct length."""
+        distinct, which = lengths.clamp_min(1).unique(return_inverse=True)  # (U,), (B,)
+        encodings = positional_encoding(max_length, self.encoding_dim).to(self.score.weight.device)
+        if len(distinct) == 1 and int(distinct[0]) == max_length:  # e.g. every image's 49 regions: no packing
+            hidden = self.gru(encodings.unsqueeze(0))[0]  # (1, L, 2H)
+        else:  # one sequence per distinct length: the backward direction starts at each set's last element
+            packed = nn.utils.rnn.pack_padded_sequence(encodings.expand(len(distinct), -1, -1), distinct.cpu(),
+                                                       batch_first=True, enforce_sorted=False)
+            hidden, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True,
+                                                         total_length=max_length)  # (U, L, 2H)
+        forward_half, backward_half = hidden.chunk(2, dim=-1)
+        scores = self.score((forward_half + backward_half) / 2).squeeze(-1)  # (U, L)
+        valid = torch.arange(max_length, device=scores.device) < distinct.unsqueeze(1).to(scores.device)
+        scores = scores.masked_fill(~valid, -1e4)
+        return torch.softmax(scores / self.temperature, dim=1)[which.to(scores.device)]  # (B, L)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length, _ = features.shape
+        if self.presorted:
+            values = features
+            lengths = mask.sum(dim=1) if mask is not None else torch.full((batch,), length)
+        else:
+            values, sorted_mask = sort_regions(features, mask)
+            lengths = sorted_mask.sum(dim=1)
+        theta = self.weights(lengths.long(), length).to(values.dtype)  # (B, L)
+        return torch.einsum("bld,bl->bd", values, theta)
 
 
 def _freeze_batch_norm(module: nn.Module) -> None:
@@ -193,23 +295,37 @@ class Tower(nn.Module):
     """One modality's trainable path: optional backbone top -> pooling of regions/tokens -> projection.
 
     ``inputs`` is what the feature cache stores for this modality: pooled features (B, D), region/token
-    features (B, L, D) that are mean-pooled under ``mask``, or, when ``upper`` is given, the lower activations
-    that ``upper`` (an :class:`ImageBackbone` or :class:`TextBackbone`) finishes.
+    features (B, L, D) with an optional ``mask``, or, when ``upper`` is given, the lower activations that
+    ``upper`` (an :class:`ImageBackbone` or :class:`TextBackbone`) finishes. Regions are pooled by ``pooling``
+    (a module ``pooling(features, mask) -> (B, D)``, e.g. :class:`GPO`), by default their masked mean (with
+    ``upper``: the backbone's own pooled feature, which is that mean).
     """
 
-    def __init__(self, projection: nn.Module, upper: nn.Module | None = None):
+    def __init__(self, projection: nn.Module, upper: nn.Module | None = None, pooling: nn.Module | None = None):
         super().__init__()
         self.projection = projection
         self.upper = upper
+        self.pooling = pooling
+
+    def _finish(self, inputs: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        inputs = inputs.float()  # the cache stores activations in float16
+        return self.upper.forward_upper(inputs, mask) if mask is not None else self.upper.forward_upper(inputs)
+
+    def regions(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The features this tower pools, as float32: the inputs (B, L, D), or the region/token features that
+        ``upper`` makes of them; pooled (B, D) inputs pass through."""
+        if self.upper is None:
+            return inputs.float()  # the cache stores region/token features in float16
+        outputs = self._finish(inputs, mask)
+        return outputs["tokens"] if "tokens" in outputs else outputs["grid"]
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        inputs = inputs.float()  # the cache stores region/token features and activations in float16
-        if self.upper is not None:
-            outputs = self.upper.forward_upper(inputs, mask) if mask is not None else self.upper.forward_upper(inputs)
-            inputs = outputs["pooled"]
-        elif inputs.dim() == 3:
-            inputs = masked_mean(inputs, mask)
-        return self.projection(inputs)
+        if self.upper is not None and self.pooling is None:
+            return self.projection(self._finish(inputs, mask)["pooled"])  # the backbone's masked mean
+        features = self.regions(inputs, mask)
+        if features.dim() == 3:
+            features = self.pooling(features, mask) if self.pooling is not None else masked_mean(features, mask)
+        return self.projection(features)
 
 
 class DualEncoder(nn.Module):

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from .data import PairedFeatures, load_flickr8k
-from .encoders import (IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, DualEncoder, ImageBackbone, ProjectionHead,
-                       TextBackbone, Tower, count_trainable_parameters)
+from .encoders import (GPO, IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, DualEncoder, ImageBackbone, ProjectionHead,
+                       TextBackbone, Tower, count_trainable_parameters, sort_regions)
 from .features import ExtractionSettings, image_features, text_features
 from .losses import make_loss
 from .results import write_result
@@ -34,16 +34,35 @@ class CaptionInputs:
     def validator(self) -> RetrievalValidator:
         return RetrievalValidator(self.image, self.text, self.text_mask, self.captions_per_image)
 
+    def sorted_regions(self, chunk: int = 512) -> "CaptionInputs":
+        """A copy whose region/token features are sorted per dimension once (:func:`xmr.encoders.sort_regions`;
+        same dtype). A GPO gives the same output on them and skips its per-batch sort: for frozen features."""
+        def sort_all(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            parts = [sort_regions(features[start : start + chunk].float(),
+                                  None if mask is None else mask[start : start + chunk])[0].to(features.dtype)
+                     for start in range(0, len(features), chunk)]
+            return torch.cat(parts)
+
+        if self.image.dim() != 3 or self.text.dim() != 3:
+            raise ValueError("sorted_regions needs region/token inputs: load_caption_inputs(..., regions=True)")
+        return dataclasses.replace(self, image=sort_all(self.image, None), text=sort_all(self.text, self.text_mask))
+
 
 def load_caption_inputs(split: str, image_top: int = 0, text_top: int = 0, num_images: int | None = None,
-                        root=None, settings: ExtractionSettings | None = None) -> CaptionInputs:
-    """Cached Flickr8k inputs for ``split``: pooled features of frozen backbones, or the activations below
-    their ``image_top`` / ``text_top`` trainable stages. ``num_images`` keeps the first images (smoke runs)."""
+                        root=None, settings: ExtractionSettings | None = None, regions: bool = False) -> CaptionInputs:
+    """Cached Flickr8k inputs for ``split``: pooled features of frozen backbones, their region/token features
+    (``regions=True``: the 7 x 7 grid (N, 49, 1280) and the tokens (5N, L, 384) with their mask, float16), or
+    the activations below their ``image_top`` / ``text_top`` trainable stages. ``num_images`` keeps the first
+    images (smoke runs)."""
+    if regions and (image_top or text_top):
+        raise ValueError("regions=True reads the frozen backbones' outputs: use image_top=text_top=0")
     data = load_flickr8k(split, root=root)
     if num_images is not None:
         data = data.subset(min(num_images, len(data)))
     images = image_features(data, ImageBackbone(trainable_top=image_top), settings)
     texts = text_features(data, TextBackbone(trainable_top=text_top), settings)
+    if regions:
+        return CaptionInputs(images["grid"], texts["tokens"], texts["mask"], data.captions_per_image)
     image = images["pooled"] if image_top == 0 else images["lower"]
     if text_top == 0:
         return CaptionInputs(image, texts["pooled"], None, data.captions_per_image)
@@ -58,17 +77,24 @@ class DualEncoderSettings:
     loss_options: dict = field(default_factory=dict)
     embed_dim: int = 128
     projection: str = "linear"
+    pooling: str = "mean"  # of region/token inputs: "mean" (masked) or "gpo" (VSE-infinity's learned pooling)
     image_top: int = 0  # trainable top stages of EfficientNet-Lite0 (0 = frozen)
     text_top: int = 0  # trainable top layers of all-MiniLM-L6-v2 (0 = frozen)
 
 
 def build_dual_encoder(settings: DualEncoderSettings, loss: torch.nn.Module | None = None) -> DualEncoder:
     """The model of ``settings``; ``loss`` replaces the named loss (e.g. a flagged literal variant)."""
+    if settings.pooling not in ("mean", "gpo"):
+        raise ValueError(f"pooling must be 'mean' or 'gpo', got {settings.pooling!r}")
     image_upper = ImageBackbone(trainable_top=settings.image_top) if settings.image_top else None
     text_upper = TextBackbone(trainable_top=settings.text_top) if settings.text_top else None
+
+    def pooling():  # a GPO pools region/token inputs (load_caption_inputs(..., regions=True)); pooled ones skip it
+        return GPO() if settings.pooling == "gpo" else None
+
     return DualEncoder(
-        Tower(ProjectionHead(IMAGE_FEATURE_DIM, settings.embed_dim, settings.projection), image_upper),
-        Tower(ProjectionHead(TEXT_FEATURE_DIM, settings.embed_dim, settings.projection), text_upper),
+        Tower(ProjectionHead(IMAGE_FEATURE_DIM, settings.embed_dim, settings.projection), image_upper, pooling()),
+        Tower(ProjectionHead(TEXT_FEATURE_DIM, settings.embed_dim, settings.projection), text_upper, pooling()),
         loss if loss is not None else make_loss(settings.loss, **settings.loss_options),
     )
 
