@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmr.data import PairedFeatures
-from xmr.encoders import count_trainable_parameters
+from xmr.encoders import count_trainable_parameters, masked_mean, sort_regions
 from xmr.methods.coder import (PAPER_ID, CODERSettings, ConceptBranch, DiversityContrastiveLoss, MomentumQueue,
                                PrototypeClassificationLoss, build_coder_model, concept_adjacency,
                                concept_cooccurrence, concept_word_vectors, diversity_scores, kmeans, mine_concepts,
@@ -522,7 +522,49 @@ def test_coder_trains_with_fit_clusters_each_epoch_and_keeps_keys_out_of_the_opt
     assert {"train_loss", "train_pgc", "train_m_dcl", "train_dcl_concept"} <= set(result.history[-1])
     assert all(math.isfinite(row["train_loss"]) for row in result.history)
     assert len(model.image_queue) == 20  # 24 steps of 10 keys through a queue of 20
-    assert not torch.equal(model.image_key_head.net[-1].weight, model.image_head.net[-1].weight)
+    assert not torch.equal(model.image_key_head.projection.net[-1].weight, model.image_head.projection.net[-1].weight)
+
+
+def _toy_regions(generator, image, text, regions=4, tokens=6):
+    """Region inputs (N, regions, 16) scattered around each toy image vector, token inputs (5N, tokens, 8) around
+    each caption vector with right-padded masks of 2..tokens positions (padding zero, as the cache stores it)."""
+    image_regions = image[:, None] + 0.5 * torch.randn(len(image), regions, image.shape[1], generator=generator)
+    lengths = torch.randint(2, tokens + 1, (len(text),), generator=generator)
+    mask = (torch.arange(tokens) < lengths[:, None]).long()
+    text_tokens = (text[:, None] + 0.5 * torch.randn(len(text), tokens, text.shape[1], generator=generator))
+    return image_regions, text_tokens * mask[..., None], mask
+
+
+def test_gpo_aggregation_trains_every_aggregator_and_presorted_inputs_change_nothing(generator):
+    image, text, captions = _toy_split(generator)
+    regions, tokens, mask = _toy_regions(generator, image, text)
+    model = _toy_model(generator, captions, aggregation="gpo")
+    aggregators = {"image_head": model.image_head.pooling, "text_head": model.text_head.pooling,
+                   "image_concept": model.image_concept_pooling, "text_concept": model.text_concept_pooling}
+    before = {name: [p.detach().clone() for p in pooling.parameters()] for name, pooling in aggregators.items()}
+    model.set_clustering_inputs(regions, tokens, mask, 5)
+    config = TrainConfig(epochs=1, batch_size=10, lr=1e-2, device="cpu", progress=False, seed=0)
+    result = fit(model, PairedFeatures(regions, tokens, mask, 5, caption_choice="all"), config)
+    assert all(math.isfinite(loss) for loss in result.step_losses) and "train_pgc" in result.history[-1]
+    for name, pooling in aggregators.items():  # each GPO is its own and is trained
+        assert any(not torch.equal(a, b) for a, b in zip(pooling.parameters(), before[name])), name
+    assert all(not p.requires_grad for p in model.image_key_head.parameters())  # the momentum copy, GPO included
+    model.eval()
+    sorted_regions, _ = sort_regions(regions)
+    sorted_tokens, sorted_mask = sort_regions(tokens, mask)
+    assert torch.equal(sorted_mask.long(), mask)  # right-padded: the sorted mask is the mask
+    torch.testing.assert_close(model.encode_image(sorted_regions), model.encode_image(regions))
+    torch.testing.assert_close(model.encode_text(sorted_tokens, mask), model.encode_text(tokens, mask))
+    with pytest.raises(ValueError, match="region/token"):
+        model.encode_image(image)  # pooled inputs
+
+
+def test_mean_aggregation_reads_regions_as_their_mean(generator):
+    image, text, captions = _toy_split(generator)
+    regions, tokens, mask = _toy_regions(generator, image, text)
+    model = _toy_model(generator, captions).eval()
+    torch.testing.assert_close(model.encode_image(regions), model.encode_image(regions.mean(dim=1)))
+    torch.testing.assert_close(model.encode_text(tokens, mask), model.encode_text(masked_mean(tokens, mask)))
 
 
 def test_resumed_training_equals_uninterrupted(generator, tmp_path):
@@ -585,6 +627,8 @@ def test_fit_on_cuda_keeps_queues_labels_and_clustering_on_the_device(generator)
 
 
 def test_settings_reject_inconsistent_switches():
+    with pytest.raises(ValueError, match="aggregation"):
+        CODERSettings(aggregation="max")
     with pytest.raises(ValueError):
         CODERSettings(memory_bank=False, memory_loss=True)
     with pytest.raises(ValueError):
@@ -613,5 +657,6 @@ def test_run_coder_is_seeded_by_the_config_and_clusters_when_it_has_prototypes(g
     assert first.test_metrics == again.test_metrics and first.model.settings.seed == 3
     assert bool(first.model.clustered) and len(first.training.step_losses) == 12  # "all": 120 captions / 10
     other = run_coder(settings, dataclasses.replace(config, seed=4), inputs, inputs, inputs, captions, words)
-    assert not torch.equal(other.model.image_head.net[-1].weight, first.model.image_head.net[-1].weight)
+    assert not torch.equal(other.model.image_head.projection.net[-1].weight,
+                           first.model.image_head.projection.net[-1].weight)
     assert first.trainable_parameters == count_trainable_parameters(first.model)

@@ -151,6 +151,8 @@ def scale_gradient(tensor: torch.Tensor, factor: float) -> torch.Tensor:
 def _gather(value):
     if not torch.is_tensor(value) or value.dim() == 0:
         return value  # scalars and non-tensors (IConE's weights, DRCL's q) are the same on every rank
+    if value.dtype == torch.bool:  # masks: gloo has no all_gather for bool
+        return gather_with_grad(value.to(torch.uint8)).bool()
     if value.requires_grad:  # the N of the convention in the module docstring
         return gather_with_grad(scale_gradient(value, float(world_size())))
     return gather_with_grad(value)  # labels, ids: no graph

@@ -36,6 +36,10 @@ Equation numbers are the paper's.
   all-MiniLM-L6-v2, :func:`concept_word_vectors`), a 2-layer GCN over the thresholded co-occurrence graph
   (CVSE, Wang et al. 2020: conditional probabilities binarised at 0.3; we then use Kipf's symmetric
   normalisation with self loops), and the softmax query ``a = softmax(lambda q W Y^T)``, ``v^C = a Y``.
+- **Aggregators** (Eq. 1 and the concept queries, Sec. 3.2; the paper does not name them): ``aggregation="mean"``
+  reads pooled backbone features (the mean of EfficientNet-Lite0's 7 x 7 grid, the masked mean of MiniLM's
+  tokens) with linear heads; ``"gpo"`` gives each aggregator its own GPO (VSE-infinity, :class:`xmr.encoders.GPO`)
+  over the region/token features before the linear head (VSE-infinity projects each region first).
 - **Objective and inference** (Eq. 8, Sec. 3.5, :class:`CODERModel`):
   ``L = 3 L_DCL^I + L_M-DCL^I + L_DCL^C + L_PGC``; ``S = beta S_instance + (1 - beta) S_concept``, beta = 0.9.
   The printed ``L_DCL^C = L_DCL(V^C, W^C) + L_DCL(W^C, V^C)`` counts both directions twice, since L_DCL already
@@ -58,7 +62,7 @@ from torch import nn
 
 from .. import distributed
 from ..data import PairedFeatures
-from ..encoders import ProjectionHead, Tower, count_trainable_parameters
+from ..encoders import GPO, ProjectionHead, Tower, count_trainable_parameters, sort_regions
 from ..experiment import CaptionInputs, ExperimentOutcome
 from ..train import TrainConfig, encode, evaluate_retrieval, fit
 
@@ -579,11 +583,15 @@ def build_concept_branch(captions: Sequence[str], image_dim: int, text_dim: int,
 # The model: Eq. (8) for training, the fused similarity for inference
 # ---------------------------------------------------------------------------------------------------------------
 
+AGGREGATIONS = ("mean", "gpo")
+
+
 @dataclass
 class CODERSettings:
     """CODER's switches and hyper-parameters; the defaults are the paper's (Sec. 4.2) unless marked."""
 
     embed_dim: int = 1024  # F
+    aggregation: str = "mean"  # g_vis, g_text (Eq. 1; not given): "mean" of the regions/tokens, or "gpo" (VSE-inf)
     mu: float = 0.1  # DCL temperature (Eq. 5)
     gamma: float = 0.3  # DCL margin (Eq. 5)
     eps: float = 0.1  # diversity scale (Eq. 3)
@@ -613,16 +621,24 @@ class CODERSettings:
             raise ValueError("prototypes (PGC) classify the concept features: they need concepts=True")
         if not 0.0 <= self.fusion_weight <= 1.0:
             raise ValueError(f"fusion_weight must be in [0, 1], got {self.fusion_weight}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
 
 
 class CODERModel(nn.Module):
     """The CODER objective (Eq. 8) on top of two backbone towers, for :func:`xmr.train.fit`.
 
     ``image_backbone`` / ``text_backbone`` are :class:`xmr.encoders.Tower` s with an identity projection: they
-    turn a batch's cached inputs into pooled backbone features (finishing a trainable backbone top when they
-    have one). The instance aggregators are linear heads to F (``image_head``, ``text_head``); their momentum
-    copies produce the keys that fill the two queues (with a trainable backbone top the keys share the query
-    backbone, detached: the momentum copy covers the heads only). ``concept_branch`` (Eq. 2) is optional.
+    turn a batch's cached inputs into backbone features (finishing a trainable backbone top when they have one).
+    The aggregators of Eq. (1) (``image_head``, ``text_head``) map those to v^I, w^I in R^F, and two more (the
+    concept queries of Eq. 2) feed the concept branch. ``settings.aggregation`` picks them (the paper does not
+    say which it uses): ``"mean"`` reads the pooled backbone features (the mean of the 7 x 7 grid, the masked mean
+    of the tokens) with linear heads and the concept branch on the same pooled features; ``"gpo"`` gives each
+    aggregator its own :class:`xmr.encoders.GPO` over the region/token features (sorted once per batch), followed
+    by the linear head; this needs region/token inputs (B, L, D). The momentum copies of the instance
+    aggregators produce the keys that fill the two queues (with a trainable backbone top the keys share the
+    query backbone, detached: the momentum copy covers the aggregators only). ``concept_branch`` (Eq. 2) is
+    optional.
 
     ``training_losses`` returns ``loss = lambda L_DCL^I + L_M-DCL^I + L_DCL^C + L_PGC`` and each term.
     ``encode_image`` / ``encode_text`` return ``[sqrt(beta) v^I, sqrt(1 - beta) v^C]`` (each part L2-normalised),
@@ -649,8 +665,14 @@ class CODERModel(nn.Module):
             raise ValueError("settings.concepts is True: pass a concept_branch (see build_concept_branch)")
         self.settings = settings
         self.image_backbone, self.text_backbone = image_backbone, text_backbone
-        self.image_head = ProjectionHead(image_dim, settings.embed_dim)  # g_vis -> v^I
-        self.text_head = ProjectionHead(text_dim, settings.embed_dim)  # g_text -> w^I
+        pooled = settings.aggregation == "mean"  # else "gpo": every aggregator reads presorted regions
+        self.image_head = Tower(ProjectionHead(image_dim, settings.embed_dim),
+                                pooling=None if pooled else GPO(presorted=True))  # g_vis -> v^I
+        self.text_head = Tower(ProjectionHead(text_dim, settings.embed_dim),
+                               pooling=None if pooled else GPO(presorted=True))  # g_text -> w^I
+        # The concept queries' own aggregators (Sec. 3.2, "another group"); with "mean": the pooled features.
+        self.image_concept_pooling = None if pooled else GPO(presorted=True)
+        self.text_concept_pooling = None if pooled else GPO(presorted=True)
         self.dcl = DiversityContrastiveLoss(settings.mu, settings.gamma, settings.eps, settings.diversity,
                                             settings.bank_diversity, form=settings.form)
         if settings.memory_bank:
@@ -672,6 +694,29 @@ class CODERModel(nn.Module):
         self.last_clustering: KMeansResult | None = None
 
     # --- encoding -------------------------------------------------------------------------------------------
+    def backbone_features(self, images: torch.Tensor | None = None, texts: torch.Tensor | None = None,
+                          mask: torch.Tensor | None = None) -> tuple:
+        """What the aggregators read, per given modality: ``(features, mask)``. With ``"mean"`` aggregation the
+        pooled backbone features (B, D) and None; with ``"gpo"`` the regions/tokens sorted per dimension
+        (:func:`xmr.encoders.sort_regions`; every GPO of the model reads them presorted) and their sorted mask."""
+        outputs = []
+        for tower, inputs, inputs_mask in ((self.image_backbone, images, None), (self.text_backbone, texts, mask)):
+            if inputs is None:
+                continue
+            if self.settings.aggregation == "mean":
+                outputs.append((tower(inputs, inputs_mask), None))
+                continue
+            regions = tower.regions(inputs, inputs_mask)
+            if regions.dim() != 3:
+                raise ValueError("aggregation='gpo' reads region/token features (B, L, D), got pooled "
+                                 f"{tuple(regions.shape)}: load them with load_caption_inputs(..., regions=True)")
+            outputs.append(sort_regions(regions, inputs_mask))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    @staticmethod
+    def _concept_query(pooling: nn.Module | None, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return features if pooling is None else pooling(features, mask)
+
     def _fuse(self, instance: torch.Tensor, concept: torch.Tensor | None) -> torch.Tensor:
         instance = F.normalize(instance, dim=-1)
         if concept is None:
@@ -680,40 +725,54 @@ class CODERModel(nn.Module):
         return torch.cat([beta ** 0.5 * instance, (1 - beta) ** 0.5 * F.normalize(concept, dim=-1)], dim=-1)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.image_backbone(images)  # (B, D_image)
-        concept = self.concept_branch.encode_image(features) if self.concept_branch is not None else None
-        return self._fuse(self.image_head(features), concept)
+        features, mask = self.backbone_features(images=images)
+        concept = None
+        if self.concept_branch is not None:
+            query = self._concept_query(self.image_concept_pooling, features, mask)  # (B, D_image)
+            concept = self.concept_branch.encode_image(query)
+        return self._fuse(self.image_head(features, mask), concept)
 
     def encode_text(self, texts: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        features = self.text_backbone(texts, mask)  # (B, D_text)
-        concept = self.concept_branch.encode_text(features) if self.concept_branch is not None else None
-        return self._fuse(self.text_head(features), concept)
+        features, mask = self.backbone_features(texts=texts, mask=mask)
+        concept = None
+        if self.concept_branch is not None:
+            query = self._concept_query(self.text_concept_pooling, features, mask)  # (B, D_text)
+            concept = self.concept_branch.encode_text(query)
+        return self._fuse(self.text_head(features, mask), concept)
+
+    def encode_image_instances(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised instance features v^I (B, F) (no concepts)."""
+        return F.normalize(self.image_head(*self.backbone_features(images=images)), dim=-1)
+
+    def encode_text_instances(self, texts: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised instance features w^I (B, F) (no concepts)."""
+        return F.normalize(self.text_head(*self.backbone_features(texts=texts, mask=mask)), dim=-1)
 
     def encode_instances(self, images: torch.Tensor, texts: torch.Tensor,
                          mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised instance features v^I, w^I (B, F) of images and captions (no concepts)."""
-        return (F.normalize(self.image_head(self.image_backbone(images)), dim=-1),
-                F.normalize(self.text_head(self.text_backbone(texts, mask)), dim=-1))
+        return self.encode_image_instances(images), self.encode_text_instances(texts, mask)
 
     # --- training -------------------------------------------------------------------------------------------
     def training_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         settings = self.settings
-        image_features = self.image_backbone(batch["image"])  # (B, D_image)
-        text_features = self.text_backbone(batch["text"], batch.get("text_mask"))  # (B, D_text)
+        # (B, D) pooled features, or (B, L, D) sorted regions/tokens with their masks (see backbone_features)
+        (image_features, image_mask), (text_features, text_mask) = self.backbone_features(
+            batch["image"], batch["text"], batch.get("text_mask"))
         # The global batch under torchrun (every rank's rows, rank order; gradients scaled as in
         # xmr.distributed); unchanged in a single process. From here on B is the global batch.
-        (image_features, text_features, image_index), _ = distributed.gather_loss_inputs(
-            (image_features, text_features, batch.get("image_index")), {})
-        image_instance = F.normalize(self.image_head(image_features), dim=-1)  # v^I (B, F)
-        text_instance = F.normalize(self.text_head(text_features), dim=-1)  # w^I (B, F)
+        (image_features, text_features, image_mask, text_mask, image_index), _ = distributed.gather_loss_inputs(
+            (image_features, text_features, image_mask, text_mask, batch.get("image_index")), {})
+        image_instance = F.normalize(self.image_head(image_features, image_mask), dim=-1)  # v^I (B, F)
+        text_instance = F.normalize(self.text_head(text_features, text_mask), dim=-1)  # w^I (B, F)
         losses = {}
         image_bank = text_bank = bank_ids = None
         if settings.memory_bank:
             with torch.no_grad():
                 momentum_update(self.image_key_head, self.image_head, settings.momentum)
                 momentum_update(self.text_key_head, self.text_head, settings.momentum)
-                image_keys = F.normalize(self.image_key_head(image_features.detach()), dim=-1)  # (B, F)
-                text_keys = F.normalize(self.text_key_head(text_features.detach()), dim=-1)  # (B, F)
+                image_keys = F.normalize(self.image_key_head(image_features.detach(), image_mask), dim=-1)  # (B, F)
+                text_keys = F.normalize(self.text_key_head(text_features.detach(), text_mask), dim=-1)  # (B, F)
             image_bank = self.image_queue.contents().to(image_instance.dtype)  # (Q, F)
             text_bank = self.text_queue.contents().to(image_instance.dtype)  # (Q, F)
             bank_ids = self.image_queue.ids()  # (Q,) the image index of each key (both queues move in step)
@@ -732,8 +791,10 @@ class CODERModel(nn.Module):
             total = total + memory["loss"]
         if self.concept_branch is not None:
             concepts = self.concept_branch.concept_features()  # Y (g, F), once per step
-            image_concept = self.concept_branch.encode_image(image_features, concepts)  # v^C (B, F)
-            text_concept = self.concept_branch.encode_text(text_features, concepts)  # w^C (B, F)
+            image_query = self._concept_query(self.image_concept_pooling, image_features, image_mask)
+            text_query = self._concept_query(self.text_concept_pooling, text_features, text_mask)
+            image_concept = self.concept_branch.encode_image(image_query, concepts)  # v^C (B, F)
+            text_concept = self.concept_branch.encode_text(text_query, concepts)  # w^C (B, F)
             concept = self.dcl(F.normalize(image_concept, dim=-1), F.normalize(text_concept, dim=-1),
                                pair_ids=pair_ids)  # cosine similarities
             losses["dcl_concept"] = concept["loss"]
@@ -764,13 +825,11 @@ class CODERModel(nn.Module):
     def prototype_features(self, batch_size: int = 512) -> torch.Tensor:
         """Per training image, v^I + the mean w^I of its captions (N, F): what k-means clusters (Sec. 3.4)."""
         image, text, text_mask, per_image = self._clustering_inputs
-        device = self.image_head.net[-1].weight.device
+        device = next(self.image_head.parameters()).device
         was_training = self.training
         self.eval()
-        image_instance = encode(lambda x: F.normalize(self.image_head(self.image_backbone(x)), dim=-1),
-                                image, None, batch_size, device)  # (N, F)
-        text_instance = encode(lambda x, m=None: F.normalize(self.text_head(self.text_backbone(x, m)), dim=-1),
-                               text, text_mask, batch_size, device)  # (N * per_image, F)
+        image_instance = encode(self.encode_image_instances, image, None, batch_size, device)  # (N, F)
+        text_instance = encode(self.encode_text_instances, text, text_mask, batch_size, device)  # (N * 5, F)
         self.train(was_training)
         return image_instance + text_instance.view(len(image_instance), per_image, -1).mean(dim=1)
 
