@@ -603,12 +603,18 @@ def _one_step_under(model, batch, device_type):
     return losses
 
 
-def test_a_step_under_bfloat16_autocast_is_finite(generator):
+@pytest.mark.parametrize("aggregation", ["mean", "gpo"])
+def test_a_step_under_bfloat16_autocast_is_finite(generator, aggregation):
     image, text, captions = _toy_split(generator)
-    model = _toy_model(generator, captions)
-    model.set_clustering_inputs(image, text, None, 5)
+    mask = None
+    if aggregation == "gpo":
+        image, text, mask = _toy_regions(generator, image, text)
+    model = _toy_model(generator, captions, aggregation=aggregation)
+    model.set_clustering_inputs(image, text, mask, 5)
     model.on_epoch_start(1)
     batch = {"image": image[:6], "text": text[:30:5], "image_index": torch.arange(6)}
+    if mask is not None:
+        batch["text_mask"] = mask[:30:5]
     for _ in range(2):  # the second step reads bfloat16 features against the float32 queue
         losses = _one_step_under(model, batch, "cpu")
     assert all(bool(torch.isfinite(value)) for value in losses.values()) and "pgc" in losses

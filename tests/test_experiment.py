@@ -1,12 +1,16 @@
 """The dual-encoder recipe end to end on a few real Flickr8k images: inputs, training, result file."""
 import json
+import math
 
 import pytest
 import torch
 
 from xmr.experiment import (DualEncoderSettings, build_dual_encoder, load_caption_inputs, record_outcome,
                             run_dual_encoder)
+from xmr.data import load_flickr8k
+from xmr.encoders import ImageBackbone, TextBackbone
 from xmr.features import ExtractionSettings, FeatureCache
+from xmr.methods.coder import CODERSettings, run_coder
 from xmr.train import TrainConfig
 
 
@@ -38,10 +42,28 @@ def test_region_inputs_sort_once_and_feed_gpo_towers(data_root, settings):
                                model.encode_text(regions.text, regions.text_mask))
     with pytest.raises(ValueError, match="region/token"):
         pooled.sorted_regions()
-    with pytest.raises(ValueError, match="regions=True"):
-        load_caption_inputs("test", image_top=1, num_images=6, root=data_root, settings=settings, regions=True)
+    mixed = load_caption_inputs("test", image_top=1, num_images=6, root=data_root, settings=settings, regions=True)
+    assert mixed.image.shape == (6, 192, 7, 7) and torch.equal(mixed.text, regions.text)  # lower image, tokens
     with pytest.raises(ValueError, match="pooling"):
         build_dual_encoder(DualEncoderSettings(pooling="max"))
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "gpo"])
+def test_coder_fine_tunes_the_backbone_tops_on_cached_activations(data_root, settings, aggregation):
+    """The GPU file's end-to-end setting at a small size: CODER (every term) with both tops trainable."""
+    inputs = load_caption_inputs("test", image_top=1, text_top=1, num_images=6, root=data_root, settings=settings)
+    captions = load_flickr8k("test", root=data_root).subset(6).captions
+    coder = CODERSettings(embed_dim=8, queue_size=10, num_concepts=5, num_clusters=2, kmeans_iterations=3,
+                          aggregation=aggregation)
+    config = TrainConfig(epochs=1, batch_size=10, lr=1e-3, device="cpu", progress=False)
+    outcome = run_coder(coder, config, inputs, inputs, inputs, captions, torch.randn(5, 16), image_top=1, text_top=1)
+    assert math.isfinite(outcome.test_metrics["rsum"]) and outcome.training.best_epoch == 1
+    for upper, pretrained in ((outcome.model.image_backbone.upper, ImageBackbone(trainable_top=1)),
+                              (outcome.model.text_backbone.upper, TextBackbone(trainable_top=1))):
+        trained = dict(upper.named_parameters())
+        changed = [name for name, value in pretrained.named_parameters()
+                   if value.requires_grad and not torch.equal(value, trained[name])]
+        assert changed, f"{type(upper).__name__}'s top was not trained"
 
 
 def test_fine_tuning_trains_only_the_top_and_the_heads():

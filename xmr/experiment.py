@@ -36,7 +36,8 @@ class CaptionInputs:
 
     def sorted_regions(self, chunk: int = 512) -> "CaptionInputs":
         """A copy whose region/token features are sorted per dimension once (:func:`xmr.encoders.sort_regions`;
-        same dtype). A GPO gives the same output on them and skips its per-batch sort: for frozen features."""
+        same dtype). A GPO gives the same output on them and skips its per-batch sort. Only for the frozen
+        backbones' region/token features: activations below a trainable top must stay as they are."""
         def sort_all(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
             parts = [sort_regions(features[start : start + chunk].float(),
                                   None if mask is None else mask[start : start + chunk])[0].to(features.dtype)
@@ -50,23 +51,20 @@ class CaptionInputs:
 
 def load_caption_inputs(split: str, image_top: int = 0, text_top: int = 0, num_images: int | None = None,
                         root=None, settings: ExtractionSettings | None = None, regions: bool = False) -> CaptionInputs:
-    """Cached Flickr8k inputs for ``split``: pooled features of frozen backbones, their region/token features
-    (``regions=True``: the 7 x 7 grid (N, 49, 1280) and the tokens (5N, L, 384) with their mask, float16), or
-    the activations below their ``image_top`` / ``text_top`` trainable stages. ``num_images`` keeps the first
-    images (smoke runs)."""
-    if regions and (image_top or text_top):
-        raise ValueError("regions=True reads the frozen backbones' outputs: use image_top=text_top=0")
+    """Cached Flickr8k inputs for ``split``, per modality: the activations below the ``image_top`` /
+    ``text_top`` trainable stages when those are > 0; else the frozen backbone's pooled features, or with
+    ``regions=True`` its region/token features (the 7 x 7 grid (N, 49, 1280), the tokens (5N, L, 384) with their
+    mask; float16). ``num_images`` keeps the first images (smoke runs)."""
     data = load_flickr8k(split, root=root)
     if num_images is not None:
         data = data.subset(min(num_images, len(data)))
     images = image_features(data, ImageBackbone(trainable_top=image_top), settings)
     texts = text_features(data, TextBackbone(trainable_top=text_top), settings)
-    if regions:
-        return CaptionInputs(images["grid"], texts["tokens"], texts["mask"], data.captions_per_image)
-    image = images["pooled"] if image_top == 0 else images["lower"]
-    if text_top == 0:
-        return CaptionInputs(image, texts["pooled"], None, data.captions_per_image)
-    return CaptionInputs(image, texts["lower"], texts["mask"], data.captions_per_image)
+    image = images["lower"] if image_top else images["grid"] if regions else images["pooled"]
+    if text_top or regions:
+        return CaptionInputs(image, texts["lower"] if text_top else texts["tokens"], texts["mask"],
+                             data.captions_per_image)
+    return CaptionInputs(image, texts["pooled"], None, data.captions_per_image)
 
 
 @dataclass

@@ -852,12 +852,12 @@ class CODERModel(nn.Module):
 
 
 def build_coder_model(settings: CODERSettings, captions: Sequence[str] | None = None,
-                      image_dim: int | None = None, text_dim: int | None = None,
-                      image_upper: nn.Module | None = None, text_upper: nn.Module | None = None,
-                      word_vectors: torch.Tensor | None = None, text_backbone=None) -> CODERModel:
-    """A :class:`CODERModel` on the project's backbones (dims default to EfficientNet-Lite0 / MiniLM's), its
-    concept branch mined from the training ``captions`` when ``settings.concepts``."""
-    from ..encoders import IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM
+                      image_dim: int | None = None, text_dim: int | None = None, image_top: int = 0,
+                      text_top: int = 0, word_vectors: torch.Tensor | None = None, text_backbone=None) -> CODERModel:
+    """A :class:`CODERModel` on the project's backbones, its concept branch mined from the training ``captions``
+    when ``settings.concepts``. ``image_top`` / ``text_top`` > 0 train the backbones' top stages on the cached
+    activations below them; the feature dims default to EfficientNet-Lite0 / MiniLM's (what those tops output)."""
+    from ..encoders import IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, ImageBackbone, TextBackbone
 
     image_dim, text_dim = image_dim or IMAGE_FEATURE_DIM, text_dim or TEXT_FEATURE_DIM
     branch = None
@@ -866,21 +866,27 @@ def build_coder_model(settings: CODERSettings, captions: Sequence[str] | None = 
             raise ValueError("the concept branch is mined from the training captions: pass captions=")
         branch, _ = build_concept_branch(captions, image_dim, text_dim, settings.embed_dim, settings.num_concepts,
                                          settings.concept_threshold, settings.smoothness, word_vectors, text_backbone)
+    image_upper = ImageBackbone(trainable_top=image_top) if image_top else None
+    text_upper = TextBackbone(trainable_top=text_top) if text_top else None
     return CODERModel(Tower(nn.Identity(), image_upper), Tower(nn.Identity(), text_upper), image_dim, text_dim,
                       settings, branch)
 
 
 def run_coder(settings: CODERSettings, config: TrainConfig, train: CaptionInputs, validation: CaptionInputs,
               test: CaptionInputs, captions: Sequence[str], word_vectors: torch.Tensor | None = None,
-              caption_choice: str = "all") -> ExperimentOutcome:
-    """Build a CODER model on pooled inputs (seeded by ``config.seed``, which also seeds k-means), train it on
-    ``train`` with :func:`xmr.train.fit` (``caption_choice="all"``: an epoch over every caption; ``"random"``: one
-    caption per image per epoch), restore the best validation epoch and evaluate it on ``test``. ``captions`` are the training
-    captions the concepts are mined from; ``word_vectors`` their precomputed vectors (see
-    :func:`concept_word_vectors`), shared between runs."""
+              caption_choice: str = "all", image_top: int = 0, text_top: int = 0) -> ExperimentOutcome:
+    """Build a CODER model (seeded by ``config.seed``, which also seeds k-means), train it on ``train`` with
+    :func:`xmr.train.fit` (``caption_choice="all"``: an epoch over every caption; ``"random"``: one caption per
+    image per epoch), restore the best validation epoch and evaluate it on ``test``. The inputs are what
+    :func:`xmr.experiment.load_caption_inputs` gives for ``image_top`` / ``text_top`` (> 0: the backbones' top
+    stages are trained too, on the cached activations below them). ``captions`` are the training captions the
+    concepts are mined from; ``word_vectors`` their precomputed vectors (see :func:`concept_word_vectors`),
+    shared between runs."""
     torch.manual_seed(config.seed)
-    model = build_coder_model(dataclasses.replace(settings, seed=config.seed), captions, train.image.shape[-1],
-                              train.text.shape[-1], word_vectors=word_vectors)  # pooled inputs: their own dims
+    image_dim = None if image_top else train.image.shape[-1]  # frozen inputs: their own dims
+    text_dim = None if text_top else train.text.shape[-1]
+    model = build_coder_model(dataclasses.replace(settings, seed=config.seed), captions, image_dim, text_dim,
+                              image_top, text_top, word_vectors=word_vectors)
     if settings.prototypes:
         model.set_clustering_inputs(train.image, train.text, train.text_mask, train.captions_per_image)
     pairs = PairedFeatures(train.image, train.text, train.text_mask, train.captions_per_image,
