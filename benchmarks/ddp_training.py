@@ -39,7 +39,7 @@ def train_once(head: str, images: int, epochs: int, batch_size: int) -> dict:
                           torch.randn(5 * images, 384, generator=generator))
     torch.manual_seed(0)
     model = DualEncoder(Tower(ProjectionHead(1280, 256, head)), Tower(ProjectionHead(384, 256, head)), InfoNCELoss())
-    result = fit(model, data, TrainConfig(epochs=epochs, batch_size=batch_size, device="cpu", progress=False,
+    result = fit(model, data, TrainConfig(max_epochs=epochs, batch_size=batch_size, device="cpu", progress=False,
                                           select_by=None))
     figures = {"world_size": distributed.world_size(), "threads": torch.get_num_threads(), "head": head,
                "batch_size": batch_size, "pairs_per_s": result.pairs_per_second, "final_loss": result.step_losses[-1]}

@@ -96,7 +96,7 @@ def bench_training(num_images: int, batch_size: int = 64) -> dict:
     data = PairedFeatures(torch.randn(num_images, 1280, generator=generator),
                           torch.randn(5 * num_images, 384, generator=generator))
     model = DualEncoder(Tower(ProjectionHead(1280, 128)), Tower(ProjectionHead(384, 128)), InfoNCELoss())
-    result = fit(model, data, TrainConfig(epochs=2, batch_size=batch_size, device="cpu", progress=False))
+    result = fit(model, data, TrainConfig(max_epochs=2, batch_size=batch_size, device="cpu", progress=False))
     return {"pairs_per_s": result.pairs_per_second}
 
 

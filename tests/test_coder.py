@@ -515,7 +515,7 @@ def test_coder_trains_with_fit_clusters_each_epoch_and_keeps_keys_out_of_the_opt
     clusterings = []
     original = model.on_epoch_start
     model.on_epoch_start = lambda epoch: (original(epoch), clusterings.append(model.prototype_labels.clone()))
-    config = TrainConfig(epochs=2, batch_size=10, lr=1e-3, device="cpu", progress=False, seed=0)
+    config = TrainConfig(max_epochs=2, batch_size=10, lr=1e-3, device="cpu", progress=False, seed=0)
     result = fit(model, pairs, config, validate=RetrievalValidator(image, text))
     assert len(clusterings) == 2 and all(labels.min() >= 0 and labels.max() < 4 for labels in clusterings)
     assert bool(model.clustered) and model.prototype_centroids.shape == (4, 8)
@@ -543,7 +543,7 @@ def test_gpo_aggregation_trains_every_aggregator_and_presorted_inputs_change_not
                    "image_concept": model.image_concept_pooling, "text_concept": model.text_concept_pooling}
     before = {name: [p.detach().clone() for p in pooling.parameters()] for name, pooling in aggregators.items()}
     model.set_clustering_inputs(regions, tokens, mask, 5)
-    config = TrainConfig(epochs=1, batch_size=10, lr=1e-2, device="cpu", progress=False, seed=0)
+    config = TrainConfig(max_epochs=1, batch_size=10, lr=1e-2, device="cpu", progress=False, seed=0)
     result = fit(model, PairedFeatures(regions, tokens, mask, 5, caption_choice="all"), config)
     assert all(math.isfinite(loss) for loss in result.step_losses) and "train_pgc" in result.history[-1]
     for name, pooling in aggregators.items():  # each GPO is its own and is trained
@@ -576,7 +576,7 @@ def test_resumed_training_equals_uninterrupted(generator, tmp_path):
         settings = CODERSettings(embed_dim=8, queue_size=20, num_concepts=6, num_clusters=4, kmeans_iterations=5)
         model = build_coder_model(settings, captions, image_dim=16, text_dim=8, word_vectors=words)
         model.set_clustering_inputs(image, text, None, 5)
-        config = TrainConfig(epochs=epochs, batch_size=10, lr=1e-3, device="cpu", progress=False, select_by=None)
+        config = TrainConfig(max_epochs=epochs, batch_size=10, lr=1e-3, device="cpu", progress=False, select_by=None)
         fit(model, PairedFeatures(image, text, None, 5, caption_choice="all"), config, checkpoint_dir=checkpoint_dir)
         return model
 
@@ -626,7 +626,7 @@ def test_fit_on_cuda_keeps_queues_labels_and_clustering_on_the_device(generator)
     image, text, captions = _toy_split(generator)
     model = _toy_model(generator, captions)
     model.set_clustering_inputs(image, text, None, 5)
-    config = TrainConfig(epochs=2, batch_size=10, lr=1e-3, device="cuda", progress=False, select_by=None)
+    config = TrainConfig(max_epochs=2, batch_size=10, lr=1e-3, device="cuda", progress=False, select_by=None)
     result = fit(model, PairedFeatures(image, text, None, 5, caption_choice="all"), config)
     assert all(math.isfinite(row["train_loss"]) for row in result.history)
     assert model.image_queue.keys.is_cuda and model.prototype_labels.is_cuda and model.prototype_centroids.is_cuda
@@ -658,7 +658,7 @@ def test_run_coder_is_seeded_by_the_config_and_clusters_when_it_has_prototypes(g
     inputs = CaptionInputs(image, text)
     settings = CODERSettings(embed_dim=8, queue_size=20, num_concepts=6, num_clusters=4, kmeans_iterations=5,
                              seed=7)  # run_coder replaces the k-means seed by the config's
-    config = TrainConfig(epochs=1, batch_size=10, lr=1e-3, device="cpu", progress=False, seed=3)
+    config = TrainConfig(max_epochs=1, batch_size=10, lr=1e-3, device="cpu", progress=False, seed=3)
     first, again = (run_coder(settings, config, inputs, inputs, inputs, captions, words) for _ in range(2))
     assert first.test_metrics == again.test_metrics and first.model.settings.seed == 3
     assert bool(first.model.clustered) and len(first.training.step_losses) == 12  # "all": 120 captions / 10

@@ -240,7 +240,7 @@ FIT_CONFIGS = {"drop_last": dict(drop_last=True), "keep_last": dict(drop_last=Fa
 
 
 def fit_config(name: str) -> TrainConfig:  # 36 items: 4 global batches of 8, and with keep_last a 5th of 4
-    return TrainConfig(epochs=2, batch_size=8, lr=1e-2, lr_milestones=(1,), device="cpu", progress=False,
+    return TrainConfig(max_epochs=2, batch_size=8, lr=1e-2, lr_milestones=(1,), device="cpu", progress=False,
                        **FIT_CONFIGS[name])
 
 
@@ -310,7 +310,7 @@ def coder_fit(seed: int = 0, aggregation: str = "mean") -> tuple[nn.Module, obje
     torch.manual_seed(seed)
     model = _toy_model(generator, captions, aggregation=aggregation)
     model.set_clustering_inputs(image, text, mask, 5)
-    config = TrainConfig(epochs=2, batch_size=10, lr=1e-2, device="cpu", progress=False, select_by=None)
+    config = TrainConfig(max_epochs=2, batch_size=10, lr=1e-2, device="cpu", progress=False, select_by=None)
     result = fit(model, PairedFeatures(image, text, mask, 5, caption_choice="all"), config)
     return model, result
 

@@ -350,7 +350,7 @@ def synthetic_inputs(num_images, seed):
     return CaptionInputs(grid.mean(dim=1), text), grid.half()
 
 
-SMALL = TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False, device="cpu")
+SMALL = TrainConfig(max_epochs=2, batch_size=8, lr=1e-3, progress=False, device="cpu")
 
 
 def test_mapping_stage_trains_only_the_mapping():
@@ -382,7 +382,7 @@ def test_mapping_on_cached_space_features_equals_training_through_the_spaces():
     settings = SemanticUnificationSettings(text_space_dim=16, image_space_dim=12)
     train, _ = synthetic_inputs(32, seed=5)
     image_space, text_space = build_space(settings, "image").eval(), build_space(settings, "text").eval()
-    config = TrainConfig(epochs=3, batch_size=8, lr=1e-2, progress=False, device="cpu", seed=4)
+    config = TrainConfig(max_epochs=3, batch_size=8, lr=1e-2, progress=False, device="cpu", seed=4)
     fast, _ = train_mapping(image_space, text_space, settings, config, train)
     torch.manual_seed(config.seed + 2)
     plain = MappedDualEncoder(image_space, text_space, torch.nn.Linear(12, 16), make_mapping_loss("infonce"))
@@ -462,7 +462,7 @@ def test_printed_formula_training_collapses_the_space(printed_formula):
             + torch.randn(40, TEXT_FEATURE_DIM, generator=generator).repeat_interleave(5, 0)
             + torch.randn(200, TEXT_FEATURE_DIM, generator=generator))
     settings = SemanticUnificationSettings(text_space_dim=16, printed_formula=printed_formula)
-    config = TrainConfig(epochs=15, batch_size=8, lr=1e-2, progress=False, device="cpu")
+    config = TrainConfig(max_epochs=15, batch_size=8, lr=1e-2, progress=False, device="cpu")
     space, stage = train_text_space(settings, config, text, 5)
     negative_cosine = stage.training.history[-1]["train_negative_cosine"]
     assert isinstance(space, SemanticSpace) and stage.training.pairs_per_second > 0  # fit counts caption groups

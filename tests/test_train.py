@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from xmr.data.paired import PairedFeatures
 from xmr.encoders import DualEncoder, ProjectionHead, Tower
 from xmr.results import load_results, write_result
-from xmr.train import NonFiniteLossError, RetrievalValidator, TrainConfig, evaluate_retrieval, fit
+from xmr.train import (CheckpointError, NonFiniteGradientError, NonFiniteLossError, RetrievalValidator, TrainConfig,
+                       evaluate_retrieval, evaluate_retrieval_per_query, fit)
 
 
 class SymmetricCrossEntropy(torch.nn.Module):
@@ -36,7 +37,7 @@ def make_model(seed: int = 0) -> DualEncoder:
     return DualEncoder(Tower(ProjectionHead(16, 8)), Tower(ProjectionHead(12, 8)), SymmetricCrossEntropy())
 
 
-CONFIG = dict(epochs=4, batch_size=16, lr=1e-2, lr_milestones=(2,), progress=False, device="cpu")
+CONFIG = dict(max_epochs=4, patience=None, batch_size=16, lr=1e-2, lr_milestones=(2,), progress=False, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +94,11 @@ def test_resume_after_interruption_equals_uninterrupted_run(data, tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_other_settings(data, tmp_path):
     train, validate = data
-    fit(make_model(), train, TrainConfig(**{**CONFIG, "epochs": 1}), checkpoint_dir=tmp_path)
-    with pytest.raises(ValueError, match="other settings"):
+    fit(make_model(), train, TrainConfig(**{**CONFIG, "max_epochs": 1}), checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match=r"settings differ in \['lr'\]"):
         fit(make_model(), train, TrainConfig(**{**CONFIG, "lr": 1e-3}), checkpoint_dir=tmp_path)
     # More epochs with the same settings continue the run.
-    result = fit(make_model(), train, TrainConfig(**{**CONFIG, "epochs": 2}), checkpoint_dir=tmp_path)
+    result = fit(make_model(), train, TrainConfig(**{**CONFIG, "max_epochs": 2}), checkpoint_dir=tmp_path)
     assert [row["epoch"] for row in result.history] == [1, 2]
 
 
@@ -130,44 +131,116 @@ def test_random_captions_depend_only_on_seed_and_epoch():
 
 
 def test_result_file_round_trip(tmp_path, data):
+    train, validate = data
+    model = make_model()
+    result = fit(model, train, TrainConfig(**{**CONFIG, "max_epochs": 1}), validate=validate)
+    metrics, per_query = evaluate_retrieval_per_query(model, validate.image, validate.text)
     path = write_result(tmp_path, "timofeev2022", "smoke_seed0", parameters={"lr": 1e-4, "milestones": (1, 4)},
-                        dataset="synthetic", split="test", metrics={"rsum": torch.tensor(12.5)},
-                        history=[{"epoch": 1}], wall_time_s=1.5, device="cpu")
+                        dataset="synthetic", split="test", metrics=metrics, training=result.record(),
+                        per_query=per_query, history=result.history, device="cpu")
     record = json.loads(path.read_text())
-    assert record["paper_id"] == "timofeev2022" and record["metrics"] == {"rsum": 12.5}
+    assert record["paper_id"] == "timofeev2022" and record["metrics"] == pytest.approx(metrics)
     assert record["parameters"]["milestones"] == [1, 4]
+    assert record["training"]["stopped_by"] == "budget" and record["training"]["epochs_run"] == 1
+    assert len(record["per_query"]["caption_ranks"]["t2i"]) == 200
     assert record["environment"]["packages"]["torch"] == torch.__version__.split("+")[0]
     assert load_results(tmp_path) == [record]
-    with pytest.raises(ValueError, match="unknown paper id"):
-        write_result(tmp_path, "nobody2099", "x", parameters={}, dataset="d", split="s", metrics={})
-    with pytest.raises(ValueError, match="run_name"):
-        write_result(tmp_path, "drcl2024", "a/b", parameters={}, dataset="d", split="s", metrics={})
+    # the per-query lists sit on one line each: a result file stays a short, diffable text
+    per_query_lines = [line for line in path.read_text().splitlines() if line.startswith(' "per_query"')]
+    assert len(per_query_lines) == 1 and per_query_lines[0].endswith("]}}")
 
 
-def test_load_claims_reads_every_notebooks_wording(tmp_path):
-    from xmr.results import load_claims
+def test_training_stops_on_a_plateau_and_says_so(data):
+    train, validate = data
+    scores = iter([10.0, 12.0, 11.0, 12.0, 11.5, 30.0])  # best at epoch 2, then 3 epochs without improvement
 
-    common = dict(parameters={}, dataset="flickr8k", split="test")
-    write_result(tmp_path, "timofeev2022", "cpu_summary", **common, metrics={"claims": [
-        {"claim": "A > B", "report": "+3.8", "ours (mean, per seed)": "+1.8 [1.8]", "held": True}]})
-    write_result(tmp_path, "drcl2024", "cpu_summary", **common, metrics={}, extra={"claims": [
-        {"claim": "C > D", "paper": "+0.02", "ours: mean [per seed]": "-0.001", "verdict": "within noise"}]})
-    write_result(tmp_path, "shi2024", "cpu_summary", **common, metrics={"claims": [
-        {"claim": "fewer parameters", "ours": "16 vs 213", "held": False}]})
-    write_result(tmp_path, "shi2024", "smoke_summary", **common, metrics={"claims": [
-        {"claim": "not read", "ours": "-", "held": True}]})
-    assert load_claims(tmp_path) == [
-        {"paper_id": "drcl2024", "claim": "C > D", "paper": "+0.02", "ours": "-0.001", "verdict": "within noise"},
-        {"paper_id": "shi2024", "claim": "fewer parameters", "paper": "", "ours": "16 vs 213", "verdict": "not held"},
-        {"paper_id": "timofeev2022", "claim": "A > B", "paper": "+3.8", "ours": "+1.8 [1.8]", "verdict": "held"}]
-    assert [row["claim"] for row in load_claims(tmp_path, "smoke_summary")] == ["not read"]
+    result = fit(make_model(), train, TrainConfig(**{**CONFIG, "max_epochs": 6, "patience": 3}),
+                 validate=lambda model: {"rsum": next(scores)})
+    assert result.epochs_run == 5 and result.best_epoch == 2 and result.stopped_by == "plateau"
+    assert result.record() == {"epochs_budget": 6, "epochs_run": 5, "best_epoch": 2, "stopped_by": "plateau",
+                               "wall_time_s": result.wall_time_s}
 
 
-def test_mean_and_spread_formats_seeds():
-    import pandas as pd
+def test_a_run_still_improving_at_its_last_epoch_is_budget_limited(data):
+    train, validate = data
+    result = fit(make_model(), train, TrainConfig(**{**CONFIG, "max_epochs": 3, "patience": 2}),
+                 validate=lambda model, s=iter([1.0, 2.0, 3.0]): {"rsum": next(s)})
+    assert result.stopped_by == "budget" and result.best_epoch == 3 and result.epochs_run == 3
 
-    from xmr.results import mean_and_spread
 
-    frame = pd.DataFrame({"loss": ["a", "a", "b"], "r1": [10.0, 12.0, 7.0]})
-    table = mean_and_spread(frame, "loss", ["r1"])
-    assert table.loc["a", "r1"] == "11.0 ± 1.4" and table.loc["b", "r1"] == "7.0"
+def test_min_delta_and_min_mode(data):
+    train, _ = data
+    losses = iter([5.0, 4.95, 4.9, 3.0])  # improvements of 0.05 do not count with min_delta 0.1
+    config = TrainConfig(**{**CONFIG, "max_epochs": 4, "patience": 2, "min_delta": 0.1, "select_by": "loss",
+                            "select_mode": "min"})
+    result = fit(make_model(), train, config, validate=lambda model: {"loss": next(losses)})
+    assert result.best_epoch == 1 and result.stopped_by == "plateau" and result.epochs_run == 3
+
+
+@pytest.mark.parametrize("bad", [{"max_epochs": 0}, {"max_epochs": -3}, {"max_epochs": 2.5}, {"max_epochs": True},
+                                 {"patience": 0}, {"lr": -1.0}, {"lr": float("nan")}, {"min_delta": -0.1},
+                                 {"select_mode": "maximum"}, {"optimizer": "adamm"}, {"batch_size": 0}])
+def test_config_rejects_bad_values_before_training(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        TrainConfig(**{**CONFIG, **bad})
+
+
+def test_nan_gradient_with_a_finite_loss_stops_at_its_step(data):
+    train, _ = data
+
+    class NanGradient(SymmetricCrossEntropy):
+        def forward(self, image_features, text_features):
+            losses = super().forward(image_features, text_features)
+            # sqrt at 0 has an infinite derivative: the loss stays finite, the gradient does not
+            losses["loss"] = losses["loss"] + torch.sqrt((image_features[0] - image_features[0]).sum().abs())
+            return losses
+
+    model = DualEncoder(Tower(ProjectionHead(16, 8)), Tower(ProjectionHead(12, 8)), NanGradient())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteGradientError, match=r"image_tower.*epoch 1, step 1"):
+        fit(model, train, TrainConfig(**CONFIG))
+    for name, value in model.state_dict().items():  # no optimiser step was taken with the bad gradient
+        assert torch.equal(value, before[name]), name
+
+
+def test_resume_refuses_other_data_or_another_loss(data, tmp_path):
+    train, validate = data
+    fit(make_model(), train, TrainConfig(**{**CONFIG, "max_epochs": 1}), checkpoint_dir=tmp_path)
+    image, text = synthetic_pairs(168, seed=1)
+    other = PairedFeatures(image[:128], text[:640], caption_choice="random", seed=0)
+    with pytest.raises(CheckpointError, match="training data differ"):
+        fit(make_model(), other, TrainConfig(**CONFIG), checkpoint_dir=tmp_path)
+
+    class Hotter(SymmetricCrossEntropy):
+        temperature = None
+
+        def __init__(self):
+            super().__init__()
+            self.temperature = 0.5
+
+    model = DualEncoder(Tower(ProjectionHead(16, 8)), Tower(ProjectionHead(12, 8)), Hotter())
+    with pytest.raises(CheckpointError, match="model or its loss differs"):
+        fit(model, train, TrainConfig(**CONFIG), checkpoint_dir=tmp_path)
+
+
+def test_a_truncated_checkpoint_is_reported_with_its_path(data, tmp_path):
+    train, _ = data
+    fit(make_model(), train, TrainConfig(**{**CONFIG, "max_epochs": 1}), checkpoint_dir=tmp_path)
+    path = tmp_path / "last.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=str(path)):
+        fit(make_model(), train, TrainConfig(**CONFIG), checkpoint_dir=tmp_path)
+
+
+def test_a_crafted_checkpoint_cannot_run_code(data, tmp_path):
+    train, _ = data
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"epoch": 1, "payload": Payload()}, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        fit(make_model(), train, TrainConfig(**CONFIG), checkpoint_dir=tmp_path)
+    assert not marker.exists()

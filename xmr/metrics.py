@@ -117,6 +117,13 @@ def _summarise_ranks(ranks: torch.Tensor, prefix: str) -> dict[str, float]:
     return metrics
 
 
+def metrics_from_ranks(i2t_ranks: torch.Tensor, t2i_ranks: torch.Tensor) -> dict[str, float]:
+    """R@1/5/10, MedR, MeanR per direction and rsum from the 0-based ranks of :func:`retrieval_ranks`."""
+    metrics = {**_summarise_ranks(torch.as_tensor(i2t_ranks), "i2t"), **_summarise_ranks(torch.as_tensor(t2i_ranks), "t2i")}
+    metrics["rsum"] = sum(metrics[key] for key in RECALL_KEYS)
+    return {key: metrics[key] for key in RETRIEVAL_KEYS}
+
+
 def retrieval_metrics(sims: torch.Tensor, captions_per_image: int = 5, chunk_size: int = 1024) -> dict[str, float]:
     """Image-to-text and text-to-image R@1/5/10, MedR, MeanR and rsum of a similarity matrix (VSE++ protocol).
 
@@ -124,10 +131,17 @@ def retrieval_metrics(sims: torch.Tensor, captions_per_image: int = 5, chunk_siz
     pessimistically (see the module docstring). Rows are processed ``chunk_size`` at a time, so a 5000 x 25000
     matrix needs only a few hundred MB beyond itself; the work runs on ``sims``' device.
     """
+    return metrics_from_ranks(*retrieval_ranks(sims, captions_per_image, chunk_size))
+
+
+def retrieval_evaluation(sims: torch.Tensor, captions_per_image: int = 5,
+                         chunk_size: int = 1024) -> tuple[dict[str, float], dict]:
+    """``(metrics, per_query)``: :func:`retrieval_metrics` and the ranks they come from, as a result file stores
+    them (``{"caption_ranks": {"captions_per_image", "i2t", "t2i"}}``), so a claim can be re-judged per query."""
     i2t_ranks, t2i_ranks = retrieval_ranks(sims, captions_per_image, chunk_size)
-    metrics = {**_summarise_ranks(i2t_ranks, "i2t"), **_summarise_ranks(t2i_ranks, "t2i")}
-    metrics["rsum"] = sum(metrics[key] for key in RECALL_KEYS)
-    return {key: metrics[key] for key in RETRIEVAL_KEYS}
+    per_query = {"caption_ranks": {"captions_per_image": captions_per_image,
+                                   "i2t": i2t_ranks.cpu().tolist(), "t2i": t2i_ranks.cpu().tolist()}}
+    return metrics_from_ranks(i2t_ranks, t2i_ranks), per_query
 
 
 def retrieval_metrics_5fold(sims: torch.Tensor, captions_per_image: int = 5, fold_size: int = 1000,
@@ -205,6 +219,13 @@ def mean_average_precision(query: torch.Tensor, query_labels: torch.Tensor, gall
     Queries are processed ``chunk_size`` at a time (memory O(chunk_size * N_gallery)), on the inputs' device and in
     their floating dtype: pass float64 for agreement to the last bit with a scipy ``cdist`` evaluation.
     """
+    return float(average_precisions(query, query_labels, gallery, gallery_labels, k, chunk_size).mean())
+
+
+def average_precisions(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
+                       gallery_labels: torch.Tensor, k: int | None = None, chunk_size: int = 1024) -> torch.Tensor:
+    """Every query's AP@k (float64, on the inputs' device): the per-query outcomes :func:`mean_average_precision`
+    averages, which result files store so that a claim can be judged per query."""
     if k is not None:
         _check_positive_int(k, "k")
     precisions = []
@@ -215,7 +236,7 @@ def mean_average_precision(query: torch.Tensor, query_labels: torch.Tensor, gall
         positions = torch.arange(1, relevant.shape[1] + 1, device=relevant.device, dtype=torch.float64)
         precision_sum = (hits / positions * relevant).sum(dim=1)                           # (c,)
         precisions.append(precision_sum / hits[:, -1].clamp(min=1))
-    return float(torch.cat(precisions).mean())
+    return torch.cat(precisions)
 
 
 def precision_recall_curve(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
