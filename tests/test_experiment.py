@@ -55,7 +55,7 @@ def test_coder_fine_tunes_the_backbone_tops_on_cached_activations(data_root, set
     captions = load_flickr8k("test", root=data_root).subset(6).captions
     coder = CODERSettings(embed_dim=8, queue_size=10, num_concepts=5, num_clusters=2, kmeans_iterations=3,
                           aggregation=aggregation)
-    config = TrainConfig(epochs=1, batch_size=10, lr=1e-3, device="cpu", progress=False)
+    config = TrainConfig(max_epochs=1, batch_size=10, lr=1e-3, device="cpu", progress=False)
     outcome = run_coder(coder, config, inputs, inputs, inputs, captions, torch.randn(5, 16), image_top=1, text_top=1)
     assert math.isfinite(outcome.test_metrics["rsum"]) and outcome.training.best_epoch == 1
     for upper, pretrained in ((outcome.model.image_backbone.upper, ImageBackbone(trainable_top=1)),
@@ -80,13 +80,13 @@ def test_run_and_record(data_root, settings, tmp_path):
     dev = load_caption_inputs("dev", num_images=8, root=data_root, settings=settings)
     test = load_caption_inputs("test", num_images=8, root=data_root, settings=settings)
     model_settings = DualEncoderSettings(loss="infonce", embed_dim=16)
-    config = TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False, device="cpu")
+    config = TrainConfig(max_epochs=2, batch_size=8, lr=1e-3, progress=False, device="cpu")
     outcome = run_dual_encoder(model_settings, config, train, dev, test)
     assert set(outcome.test_metrics) >= {"i2t_r1", "t2i_r10", "rsum"}
     assert outcome.trainable_parameters == (1280 + 1) * 16 + (384 + 1) * 16
     path = record_outcome(tmp_path, "timofeev2022", "smoke_infonce", outcome, model_settings, config)
     record = json.loads(path.read_text())
-    assert record["parameters"]["loss"] == "infonce" and record["parameters"]["epochs"] == 2
+    assert record["parameters"]["loss"] == "infonce" and record["parameters"]["max_epochs"] == 2
     assert record["metrics"]["rsum"] == pytest.approx(outcome.test_metrics["rsum"])
     assert len(record["history"]) == 2 and record["trainable_parameters"] == outcome.trainable_parameters
     # Same seed, same result: the recipe is deterministic on CPU.

@@ -19,7 +19,7 @@ from .encoders import (GPO, IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, DualEncoder, Im
 from .features import ExtractionSettings, image_features, text_features
 from .losses import make_loss
 from .results import write_result
-from .train import RetrievalValidator, TrainConfig, TrainResult, evaluate_retrieval, fit
+from .train import RetrievalValidator, TrainConfig, TrainResult, evaluate_retrieval_per_query, fit
 
 
 @dataclass
@@ -131,21 +131,23 @@ class ExperimentOutcome:
     model: DualEncoder
     training: TrainResult
     test_metrics: dict
+    per_query: dict  # the test ranks the metrics come from (xmr.metrics.retrieval_evaluation)
     trainable_parameters: int
 
 
 def run_dual_encoder(settings: DualEncoderSettings, config: TrainConfig, train: CaptionInputs,
                      validation: CaptionInputs, test: CaptionInputs,
                      checkpoint_dir: str | Path | None = None, loss: torch.nn.Module | None = None) -> ExperimentOutcome:
-    """Train a dual encoder (one random caption per image per epoch), restore the best validation epoch,
-    and evaluate it on ``test``."""
+    """Train a dual encoder (one random caption per image per epoch) until its validation Rsum stops improving
+    or its budget ends, restore the best validation epoch, and evaluate it on ``test``."""
     torch.manual_seed(config.seed)
     model = build_dual_encoder(settings, loss)
     pairs = PairedFeatures(train.image, train.text, train.text_mask, train.captions_per_image,
                            caption_choice="random", seed=config.seed)
     training = fit(model, pairs, config, validate=validation.validator(), checkpoint_dir=checkpoint_dir)
-    test_metrics = evaluate_retrieval(model, test.image, test.text, test.text_mask, test.captions_per_image)
-    return ExperimentOutcome(model, training, test_metrics, count_trainable_parameters(model))
+    test_metrics, per_query = evaluate_retrieval_per_query(model, test.image, test.text, test.text_mask,
+                                                           test.captions_per_image)
+    return ExperimentOutcome(model, training, test_metrics, per_query, count_trainable_parameters(model))
 
 
 def record_outcome(results_dir: str | Path, paper_id: str, run_name: str, outcome: ExperimentOutcome,
@@ -155,9 +157,8 @@ def record_outcome(results_dir: str | Path, paper_id: str, run_name: str, outcom
     parameters = {**dataclasses.asdict(settings), **dataclasses.asdict(config), **(extra_parameters or {})}
     return write_result(
         results_dir, paper_id, run_name, parameters=parameters, dataset=dataset, split="test",
-        metrics={**outcome.test_metrics, "best_epoch": outcome.training.best_epoch,
-                 **{f"val_{k}": v for k, v in outcome.training.best_metrics.items()}},
-        history=outcome.training.history, wall_time_s=outcome.training.wall_time_s,
+        metrics={**outcome.test_metrics, **{f"val_{k}": v for k, v in outcome.training.best_metrics.items()}},
+        training=outcome.training.record(), per_query=outcome.per_query, history=outcome.training.history,
         device=config.resolved_device(),
         extra={"trainable_parameters": outcome.trainable_parameters,
                "pairs_per_second": outcome.training.pairs_per_second},

@@ -1,8 +1,12 @@
-"""One JSON file per run: what was run, on what, what it measured, and the environment it ran in.
+"""One JSON file per run, one claims file per paper: what was run, what it measured, and the verdicts.
 
-The book's tables are built from these files (:func:`load_results`), never typed by hand. A result file
-holds the paper id, the run's parameters, the dataset and split, the metrics, the training history, and the
-environment (package versions, device, git revision, wall time). Files are written atomically.
+The book's tables are built from these files (:func:`load_results`, :func:`load_runs`, :func:`load_claims`),
+never typed by hand. Both kinds follow a JSON Schema (``xmr/schema/``; version 2) that the test suite checks
+every committed file against. A *run* file holds the paper id, the parameters, the dataset and split, the test
+metrics, the ``training`` record (epoch budget, epochs run, best epoch, whether the run stopped on a plateau or
+by its budget), the ``per_query`` outcomes the metrics come from (so a claim can be re-judged without training),
+the history and the environment. A *claims* file holds a paper's verdicts (:mod:`xmr.claims`). Files are
+written atomically; a loader names the file on any malformed input.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from importlib import metadata
@@ -18,11 +23,17 @@ from pathlib import Path
 
 import torch
 
-RESULT_SCHEMA_VERSION = 1
+RESULT_SCHEMA_VERSION = 2
 PAPER_IDS = ("timofeev2022", "coder2022", "icone2024", "drcl2024", "shi2024")
 COMPARISON_ID = "comparison"  # the cross-paper comparison's result files (notebooks/comparison.ipynb)
 REPORTED_PACKAGES = ("xmr", "torch", "torchvision", "transformers", "timm", "numpy", "scipy", "scikit-learn")
 REPOSITORY = Path(__file__).resolve().parents[1]
+SCHEMA_DIR = Path(__file__).with_name("schema")
+IDENTIFIER = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+
+
+class ResultFileError(ValueError):
+    """A result or claims file is missing, malformed or disagrees with the schema; the message names it."""
 
 
 def git_revision(directory: Path = REPOSITORY) -> str | None:
@@ -74,16 +85,57 @@ def _jsonable(value):
     return value
 
 
+def _check_name(value: str, what: str) -> None:
+    if not isinstance(value, str) or not IDENTIFIER.match(value) or ".." in value:
+        raise ValueError(f"{what} must be a plain name (letters, digits, '_', '-', '.'; no separators), got {value!r}")
+
+
+def _write_json(path: Path, record: dict, compact: tuple[str, ...] = ()) -> Path:
+    """Write ``record`` atomically, indented, except the keys in ``compact`` (long per-query lists) on one line."""
+    text = json.dumps({k: v for k, v in record.items() if k not in compact}, indent=1, allow_nan=False)
+    tail = "".join(f',\n "{key}": {json.dumps(record[key], separators=(",", ":"), allow_nan=False)}'
+                   for key in compact if key in record)
+    text = text[:-2] + tail + "\n}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def closed_form_training(wall_time_s: float | None = None) -> dict:
+    """The ``training`` record of a method without stochastic training (CCA): its seed variance is zero."""
+    return {"epochs_budget": 0, "epochs_run": 0, "best_epoch": None, "stopped_by": "closed_form",
+            "wall_time_s": wall_time_s}
+
+
+def staged_training(stages: dict[str, dict]) -> dict:
+    """One ``training`` record for a run of several stages (``{stage name: TrainResult.record()}``): it is
+    budget-limited when any stage is."""
+    if not stages:
+        raise ValueError("staged_training needs at least one stage")
+    stopped = [stage["stopped_by"] for stage in stages.values()]
+    return {"epochs_budget": sum(stage["epochs_budget"] for stage in stages.values()),
+            "epochs_run": sum(stage["epochs_run"] for stage in stages.values()), "best_epoch": None,
+            "stopped_by": "budget" if "budget" in stopped else ("plateau" if "plateau" in stopped else "closed_form"),
+            "wall_time_s": sum(stage.get("wall_time_s") or 0.0 for stage in stages.values()),
+            "stages": dict(stages)}
+
+
 def write_result(results_dir: str | Path, paper_id: str, run_name: str, *, parameters: dict, dataset: str,
-                 split: str, metrics: dict, history: list | None = None, wall_time_s: float | None = None,
+                 split: str, metrics: dict, training: dict, per_query: dict, history: list | None = None,
                  device: torch.device | str | None = None, extra: dict | None = None) -> Path:
-    """Write ``<results_dir>/<paper_id>/<run_name>.json`` and return its path."""
-    if paper_id not in (*PAPER_IDS, COMPARISON_ID) and not paper_id.startswith("test"):
-        raise ValueError(f"unknown paper id {paper_id!r}; expected one of {PAPER_IDS} or {COMPARISON_ID!r}")
-    if not run_name or any(c in run_name for c in "/\\ "):
-        raise ValueError(f"run_name must be a non-empty file stem without slashes or spaces, got {run_name!r}")
+    """Write the run file ``<results_dir>/<paper_id>/<run_name>.json`` (schema version 2) and return its path."""
+    _check_name(paper_id, "paper_id")
+    _check_name(run_name, "run_name")
     record = {
         "schema_version": RESULT_SCHEMA_VERSION,
+        "kind": "run",
         "paper_id": paper_id,
         "run_name": run_name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -91,45 +143,112 @@ def write_result(results_dir: str | Path, paper_id: str, run_name: str, *, param
         "split": split,
         "parameters": _jsonable(parameters),
         "metrics": _jsonable(metrics),
+        "training": _jsonable(training),
         "history": _jsonable(history or []),
-        "wall_time_s": wall_time_s,
         "environment": environment_info(device),
         **_jsonable(extra or {}),
+        "per_query": _jsonable(per_query),
     }
-    path = Path(results_dir) / paper_id / f"{run_name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        json.dump(record, file, indent=1, allow_nan=False)
-        file.write("\n")
-    os.replace(temporary, path)
-    return path
+    validate_record(record, f"{paper_id}/{run_name}")
+    return _write_json(Path(results_dir) / paper_id / f"{run_name}.json", record, compact=("per_query",))
 
 
-def load_results(results_dir: str | Path, paper_id: str | None = None) -> list[dict]:
-    """Every result record under ``results_dir`` (optionally one paper's), sorted by paper and run name."""
-    pattern = f"{paper_id}/*.json" if paper_id else "*/*.json"
-    records = [json.loads(path.read_text()) for path in sorted(Path(results_dir).glob(pattern))]
-    return sorted(records, key=lambda record: (record["paper_id"], record["run_name"]))
+def write_claims(results_dir: str | Path, paper_id: str, run_name: str, claims: list[dict],
+                 parameters: dict | None = None) -> Path:
+    """Write a paper's claims file (``Verdict.as_row()`` of each claim, :mod:`xmr.claims`)."""
+    _check_name(paper_id, "paper_id")
+    _check_name(run_name, "run_name")
+    record = {"schema_version": RESULT_SCHEMA_VERSION, "kind": "claims", "paper_id": paper_id,
+              "run_name": run_name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "parameters": _jsonable(parameters or {}), "claims": _jsonable(claims),
+              "environment": environment_info()}
+    validate_record(record, f"{paper_id}/{run_name}")
+    return _write_json(Path(results_dir) / paper_id / f"{run_name}.json", record)
 
 
-def load_claims(results_dir: str | Path, run_name: str = "cpu_summary") -> list[dict]:
-    """Each paper's claims as its notebook's summary result file (``<paper_id>/<run_name>.json``) records them.
+def validate_record(record: dict, origin: str | Path) -> dict:
+    """Check ``record`` against its JSON Schema (``xmr/schema/<kind>.schema.json``); raise
+    :class:`ResultFileError` naming ``origin`` and the first offending field."""
+    import jsonschema
 
-    The notebooks word their claim tables differently; this reads them into one schema: ``paper_id``,
-    ``claim``, ``paper`` (the paper's figure, "" when the notebook gives none), ``ours`` (what we measured) and
-    ``verdict`` ("held", "not held", or the notebook's own word, e.g. "within noise").
-    """
+    if not isinstance(record, dict):
+        raise ResultFileError(f"{origin}: a result file must hold a JSON object, got {type(record).__name__}")
+    if record.get("schema_version") != RESULT_SCHEMA_VERSION:
+        raise ResultFileError(f"{origin}: schema_version {record.get('schema_version')!r}, expected "
+                              f"{RESULT_SCHEMA_VERSION}: re-run the notebook that wrote it")
+    kind = record.get("kind")
+    if kind not in ("run", "claims"):
+        raise ResultFileError(f"{origin}: 'kind' must be 'run' or 'claims', got {kind!r}")
+    error = jsonschema.exceptions.best_match(_validator(kind).iter_errors(record))
+    if error is not None:
+        where = "/".join(str(part) for part in error.absolute_path) or "(top level)"
+        raise ResultFileError(f"{origin}: {where}: {error.message}")
+    return record
+
+
+_VALIDATORS: dict = {}
+
+
+def _validator(kind: str):
+    import jsonschema
+
+    if kind not in _VALIDATORS:
+        schema = json.loads((SCHEMA_DIR / f"{kind}.schema.json").read_text())
+        _VALIDATORS[kind] = jsonschema.Draft202012Validator(schema)
+    return _VALIDATORS[kind]
+
+
+def read_record(path: str | Path) -> dict:
+    """One result or claims file, validated; any problem raises :class:`ResultFileError` naming the file."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise ResultFileError(f"{path}: no such result file") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ResultFileError(f"{path}: not valid JSON ({error}); delete it and re-run the notebook that wrote "
+                              "it") from error
+    validate_record(record, path)
+    if (record["paper_id"], record["run_name"]) != (path.parent.name, path.stem):
+        raise ResultFileError(f"{path}: holds {record['paper_id']}/{record['run_name']}, which disagrees with "
+                              "its file name")
+    return record
+
+
+def load_results(results_dir: str | Path, paper_id: str | None = None, prefix: str = "") -> list[dict]:
+    """Every run record under ``results_dir`` (optionally one paper's, optionally only run names starting with
+    ``prefix``), sorted by paper and run name. Claims files are left out; a malformed file raises."""
+    if paper_id is not None:
+        _check_name(paper_id, "paper_id")
+    pattern = f"{paper_id}/{prefix}*.json" if paper_id else f"*/{prefix}*.json"
+    records = [read_record(path) for path in sorted(Path(results_dir).glob(pattern))]
+    return sorted((r for r in records if r["kind"] == "run"), key=lambda r: (r["paper_id"], r["run_name"]))
+
+
+def load_runs(results_dir: str | Path, paper_id: str, run_names) -> list[dict]:
+    """The run records named ``run_names`` (in that order); fails naming every one that is missing, so a
+    seed the notebook asked for is never averaged away."""
+    _check_name(paper_id, "paper_id")
+    names = list(run_names)
+    missing = [name for name in names if not (Path(results_dir) / paper_id / f"{name}.json").exists()]
+    if missing:
+        raise ResultFileError(f"{Path(results_dir) / paper_id}: missing run file(s) {missing}; run the notebook "
+                              f"that writes them (or ask only for the seeds that were run)")
+    records = [read_record(Path(results_dir) / paper_id / f"{name}.json") for name in names]
+    for name, record in zip(names, records):
+        if record["kind"] != "run":
+            raise ResultFileError(f"{paper_id}/{name}: is a {record['kind']} file, not a run file")
+    return records
+
+
+def load_claims(results_dir: str | Path, run_name: str = "cpu_claims") -> list[dict]:
+    """Every paper's claims rows from its claims file ``<paper_id>/<run_name>.json``, with ``paper_id`` added."""
     rows = []
     for path in sorted(Path(results_dir).glob(f"*/{run_name}.json")):
-        record = json.loads(path.read_text())
-        claims = record.get("claims") or record["metrics"].get("claims") or []
-        for claim in claims:
-            paper = next((value for key, value in claim.items() if key.startswith(("paper", "report"))), "")
-            ours = next(value for key, value in claim.items() if key.startswith("ours"))
-            verdict = claim["verdict"] if "verdict" in claim else ("held" if claim["held"] else "not held")
-            rows.append({"paper_id": record["paper_id"], "claim": claim["claim"], "paper": str(paper),
-                         "ours": str(ours), "verdict": verdict})
+        record = read_record(path)
+        if record["kind"] != "claims":
+            raise ResultFileError(f"{path}: is a {record['kind']} file, not a claims file")
+        rows.extend({"paper_id": record["paper_id"], **row} for row in record["claims"])
     return rows
 
 

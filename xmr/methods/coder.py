@@ -64,7 +64,7 @@ from .. import distributed
 from ..data import PairedFeatures
 from ..encoders import GPO, ProjectionHead, Tower, count_trainable_parameters, sort_regions
 from ..experiment import CaptionInputs, ExperimentOutcome
-from ..train import TrainConfig, encode, evaluate_retrieval, fit
+from ..train import TrainConfig, encode, evaluate_retrieval_per_query, fit
 
 PAPER_ID = "coder2022"
 
@@ -892,5 +892,6 @@ def run_coder(settings: CODERSettings, config: TrainConfig, train: CaptionInputs
     pairs = PairedFeatures(train.image, train.text, train.text_mask, train.captions_per_image,
                            caption_choice=caption_choice, seed=config.seed)
     training = fit(model, pairs, config, validate=validation.validator())
-    test_metrics = evaluate_retrieval(model, test.image, test.text, test.text_mask, test.captions_per_image)
-    return ExperimentOutcome(model, training, test_metrics, count_trainable_parameters(model))
+    test_metrics, per_query = evaluate_retrieval_per_query(model, test.image, test.text, test.text_mask,
+                                                           test.captions_per_image)
+    return ExperimentOutcome(model, training, test_metrics, per_query, count_trainable_parameters(model))

@@ -47,7 +47,7 @@ from ..data import PairedFeatures
 from ..encoders import DualEncoder, ProjectionHead, Tower, count_trainable_parameters, masked_mean
 from ..experiment import CaptionInputs, DualEncoderSettings, build_dual_encoder
 from ..losses import InfoNCELoss
-from ..train import TrainConfig, TrainResult, evaluate_retrieval, fit
+from ..train import TrainConfig, TrainResult, evaluate_retrieval_per_query, fit
 
 PAPER_ID = "icone2024"
 
@@ -304,6 +304,7 @@ class IConEOutcome:
     stages: list[Stage]
     training: list[TrainResult]  # one per stage
     test_metrics: dict
+    per_query: dict  # the test ranks the metrics come from
     trainable_parameters: int  # in the last stage
     wall_time_s: float
 
@@ -323,7 +324,7 @@ def train_stage(model: IConEModel, stage: Stage, config: TrainConfig, train: Cap
     epoch with the best validation Rsum."""
     pairs = PairedFeatures(train.image, train.text, train.text_mask, train.captions_per_image,
                            caption_choice=stage.captions, seed=config.seed)
-    stage_config = dataclasses.replace(config, epochs=stage.epochs, lr=stage.lr)
+    stage_config = dataclasses.replace(config, max_epochs=stage.epochs, lr=stage.lr)
     return fit(model, pairs, stage_config, validate=validation.validator())
 
 
@@ -350,24 +351,28 @@ def run_schedule(settings: IConESettings, stages: Sequence[Stage], config: Train
         results.append(train_stage(model, stage, config, data["train"], data["dev"]))
         done_stages.append(stage)
     test = inputs(stages[-1].tops)["test"]
-    metrics = evaluate_retrieval(model, test.image, test.text, test.text_mask, test.captions_per_image)
+    metrics, per_query = evaluate_retrieval_per_query(model, test.image, test.text, test.text_mask,
+                                                      test.captions_per_image)
     elapsed = time.perf_counter() - started + (start.wall_time_s if start is not None else 0.0)
-    return IConEOutcome(model, done_stages, results, metrics, count_trainable_parameters(model), elapsed)
+    return IConEOutcome(model, done_stages, results, metrics, per_query, count_trainable_parameters(model), elapsed)
 
 
 def record_schedule(results_dir, run_name: str, outcome: IConEOutcome, settings: IConESettings,
                     config: TrainConfig, dataset: str = "flickr8k", extra_parameters: dict | None = None):
     """Write the result file of one :func:`run_schedule` run (paper id ``icone2024``)."""
-    from ..results import write_result
+    from ..results import staged_training, write_result
 
     parameters = {**dataclasses.asdict(settings), **dataclasses.asdict(config),
                   "stages": [dataclasses.asdict(stage) for stage in outcome.stages], **(extra_parameters or {})}
     last = outcome.training[-1]
+    # stage names repeat when a Stage II variant continues a shared Stage I: number them in order
+    training = staged_training({f"{index}_{stage.name}": result.record()
+                                for index, (stage, result) in enumerate(zip(outcome.stages, outcome.training), 1)})
     return write_result(
         results_dir, PAPER_ID, run_name, parameters=parameters, dataset=dataset, split="test",
-        metrics={**outcome.test_metrics, "best_epoch": [result.best_epoch for result in outcome.training],
-                 **{f"val_{k}": v for k, v in last.best_metrics.items()}},
-        history=outcome.history, wall_time_s=outcome.wall_time_s, device=config.resolved_device(),
+        metrics={**outcome.test_metrics, **{f"val_{k}": v for k, v in last.best_metrics.items()}},
+        training={**training, "wall_time_s": outcome.wall_time_s}, per_query=outcome.per_query,
+        history=outcome.history, device=config.resolved_device(),
         extra={"trainable_parameters": outcome.trainable_parameters,
                "pairs_per_second": [result.pairs_per_second for result in outcome.training]},
     )

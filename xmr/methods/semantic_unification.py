@@ -59,8 +59,8 @@ from ..encoders import (IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, ImageBackbone, Proj
 from ..experiment import CaptionInputs
 from ..features import ExtractionSettings, image_features
 from ..losses import InfoNCELoss
-from ..results import write_result
-from ..train import TrainConfig, TrainResult, encode, evaluate_retrieval, fit
+from ..results import staged_training, write_result
+from ..train import TrainConfig, TrainResult, encode, evaluate_retrieval_per_query, fit
 
 PAPER_ID = "shi2024"
 STAGES = ("text_space", "image_space", "mapping")
@@ -401,6 +401,7 @@ class StageOutcome:
     training: TrainResult
     trainable_parameters: int
     preparation_time_s: float = 0.0  # work done once before the epochs (stage 3: encoding the frozen spaces)
+    selected_by: str | None = None  # the validation metric that chose the epoch; None: the last epoch was kept
 
     @property
     def training_time_s(self) -> float:
@@ -418,6 +419,7 @@ class UnificationOutcome:
     model: MappedDualEncoder
     stages: dict[str, StageOutcome]
     test_metrics: dict = field(default_factory=dict)
+    per_query: dict = field(default_factory=dict)  # the test ranks the metrics come from
 
     @property
     def trainable_parameters(self) -> int:
@@ -452,7 +454,7 @@ def train_text_space(settings: SemanticUnificationSettings, config: TrainConfig,
     validate = CaptionRetrievalValidator(validation_text, captions_per_image) if validation_text is not None else None
     config = dataclasses.replace(config, select_by="map" if validate is not None else None)
     training = fit(space, CaptionGroups(text, captions_per_image), config, validate=validate)
-    return space.eval(), StageOutcome(training, count_trainable_parameters(space))
+    return space.eval(), StageOutcome(training, count_trainable_parameters(space), selected_by=config.select_by)
 
 
 def train_image_space(settings: SemanticUnificationSettings, config: TrainConfig, grid: torch.Tensor,
@@ -491,7 +493,8 @@ def train_mapping(image_space: nn.Module, text_space: nn.Module, settings: Seman
     config = config if validate is not None else dataclasses.replace(config, select_by=None)
     training = fit(on_features, pairs, config, validate=validate)
     model = MappedDualEncoder(image_space, text_space, mapping, loss, settings.map_from).to(config.resolved_device())
-    return model.eval(), StageOutcome(training, count_trainable_parameters(model), preparation_time_s)
+    return model.eval(), StageOutcome(training, count_trainable_parameters(model), preparation_time_s,
+                                      config.select_by)
 
 
 @torch.no_grad()
@@ -519,9 +522,10 @@ def run_semantic_unification(settings: SemanticUnificationSettings, text_config:
                                               validation.text)
     image_space, image_stage = train_image_space(settings, image_config, train_grid, image_labels)
     model, mapping_stage = train_mapping(image_space, text_space, settings, mapping_config, train, validation)
-    test_metrics = evaluate_retrieval(model, test.image, test.text, test.text_mask, test.captions_per_image)
+    test_metrics, per_query = evaluate_retrieval_per_query(model, test.image, test.text, test.text_mask,
+                                                           test.captions_per_image)
     stages = {"text_space": text_stage, "image_space": image_stage, "mapping": mapping_stage}
-    return UnificationOutcome(model, stages, test_metrics)
+    return UnificationOutcome(model, stages, test_metrics, per_query)
 
 
 def map_spaces(image_space: nn.Module, text_space: nn.Module, settings: SemanticUnificationSettings,
@@ -530,8 +534,9 @@ def map_spaces(image_space: nn.Module, text_space: nn.Module, settings: Semantic
     """Stage 3 alone between any two frozen spaces (e.g. a trained model's, with another ``mapping_loss``, or the
     backbones' own, :class:`PretrainedSpace`), evaluated on ``test``; the spaces are shared, not copied."""
     model, stage = train_mapping(image_space, text_space, settings, config, train, validation)
-    test_metrics = evaluate_retrieval(model, test.image, test.text, test.text_mask, test.captions_per_image)
-    return UnificationOutcome(model, {"mapping": stage}, test_metrics)
+    test_metrics, per_query = evaluate_retrieval_per_query(model, test.image, test.text, test.text_mask,
+                                                           test.captions_per_image)
+    return UnificationOutcome(model, {"mapping": stage}, test_metrics, per_query)
 
 
 def record_unification(results_dir: str | Path, run_name: str, outcome: UnificationOutcome,
@@ -546,13 +551,14 @@ def record_unification(results_dir: str | Path, run_name: str, outcome: Unificat
                   **(extra_parameters or {})}
     history = [{"stage": name, **row} for name, stage in outcome.stages.items() for row in stage.training.history]
     stages = {name: {"trainable_parameters": stage.trainable_parameters, "training_time_s": stage.training_time_s,
-                     "wall_time_s": stage.training.wall_time_s, "best_epoch": stage.training.best_epoch,
+                     "selected_by": stage.selected_by,
                      "best_metrics": stage.training.best_metrics}
               for name, stage in outcome.stages.items()}
+    training = staged_training({name: stage.training.record() for name, stage in outcome.stages.items()})
     device = next(iter(configs.values())).resolved_device()
     return write_result(results_dir, PAPER_ID, run_name, parameters=parameters, dataset=dataset, split="test",
-                        metrics=dict(outcome.test_metrics), history=history, wall_time_s=outcome.wall_time_s,
-                        device=device,
+                        metrics=dict(outcome.test_metrics), training=training, per_query=outcome.per_query,
+                        history=history, device=device,
                         extra={"trainable_parameters": outcome.trainable_parameters,
                                "training_time_s": outcome.training_time_s, "stages": stages})
 
@@ -563,12 +569,12 @@ def run_costs(record: dict) -> dict[str, float]:
     if "stages" in record:
         mapping = record["stages"].get("mapping", {})
         return {"trainable_parameters": record["trainable_parameters"], "training_time_s": record["training_time_s"],
-                "wall_time_s": record["wall_time_s"],
+                "wall_time_s": record["training"]["wall_time_s"],
                 "mapping_parameters": mapping.get("trainable_parameters", 0),
                 "mapping_time_s": mapping.get("training_time_s", 0.0)}
     return {"trainable_parameters": record["trainable_parameters"],
             "training_time_s": float(sum(row["train_time_s"] for row in record["history"])),
-            "wall_time_s": record["wall_time_s"], "mapping_parameters": 0, "mapping_time_s": 0.0}
+            "wall_time_s": record["training"]["wall_time_s"], "mapping_parameters": 0, "mapping_time_s": 0.0}
 
 
 def load_region_grid(split: str, num_images: int | None = None, root=None,
