@@ -26,8 +26,9 @@ from xmr.data import (
 
 FLICKR8K_FORM = "https://forms.illinois.edu/sec/1713398"
 QUIRK_IMAGE = "2258277193_586949ec62.jpg"
-# Real lines of Flickr8k.token.txt (lines 1-10 and 6731-6735), the quirk key among them.
+# Real lines of Flickr8k.token.txt (lines 1-20 and 6731-6735), the quirk key among them.
 CHILD, DOGS = "1000268201_693b08cb0e.jpg", "1001773457_577c3a7d70.jpg"
+PAINTER, BENCH = "1002674143_1b742ab4b8.jpg", "1003163366_44323f5815.jpg"
 TOKEN_LINES = {
     CHILD: [
         "A child in a pink dress is climbing up a set of stairs in an entry way .",
@@ -50,12 +51,27 @@ TOKEN_LINES = {
         "Two dogs of different breeds looking at each other on the road .",
         "Two dogs on pavement moving toward each other .",
     ],
+    PAINTER: [
+        "A little girl covered in paint sits in front of a painted rainbow with her hands in a bowl .",
+        "A little girl is sitting in front of a large painted rainbow .",
+        "A small girl in the grass plays with fingerpaints in front of a white canvas with a rainbow on it .",
+        "There is a girl with pigtails sitting in front of a rainbow painting .",
+        "Young girl with pigtails painting outside in the grass .",
+    ],
+    BENCH: [
+        "A man lays on a bench while his dog sits by him .",
+        "A man lays on the bench to which a white dog is also tied .",
+        "a man sleeping on a bench outside with a white and black dog sitting next to him .",
+        "A shirtless man lies on a park bench with his dog .",
+        "man laying on bench holding leash of dog sitting on ground",
+    ],
 }
-FAKE_SPLITS = {"train": [CHILD], "dev": [DOGS], "test": [DOGS, QUIRK_IMAGE, CHILD]}
+# Disjoint, as the loader requires (an image in two splits is an error).
+FAKE_SPLITS = {"train": [PAINTER], "dev": [BENCH], "test": [DOGS, QUIRK_IMAGE, CHILD]}
 
 
 def make_fake_flickr8k(data_root: Path, image_folder: str = "Flicker8k_Dataset") -> Path:
-    """A three-image Flickr8k in the official download's layout, full-resolution (non-square) JPEGs."""
+    """A five-image Flickr8k in the official download's layout, full-resolution (non-square) JPEGs."""
     directory = data_root / "flickr8k"
     (directory / image_folder).mkdir(parents=True)
     lines = [f"{image_id}{'.1' if image_id == QUIRK_IMAGE and number == 0 else ''}#{number}\t{caption}"
@@ -86,8 +102,12 @@ def test_resolve_data_root_prefers_argument_over_environment(tmp_path, monkeypat
 
 
 def test_resolve_data_root_without_either_explains_both(monkeypatch, tmp_path):
+    import xmr.data.fetch
+
     monkeypatch.delenv(DATA_ENV_VAR, raising=False)
-    with pytest.raises(DatasetNotFoundError, match=rf"root=.*{DATA_ENV_VAR}"):
+    monkeypatch.setattr(xmr.data.fetch, "SHARED_DATA", tmp_path / "no-shared")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(DatasetNotFoundError, match=rf"not a directory.*{DATA_ENV_VAR}.*python -m xmr.data fetch"):
         resolve_data_root()
     with pytest.raises(DatasetNotFoundError, match="not a directory") as error:
         resolve_data_root(tmp_path / "absent")
@@ -176,7 +196,7 @@ def test_flickr8k_official_layout_and_quirk_key(tmp_path, image_folder):
 
 def test_flickr8k_root_may_be_the_dataset_folder(tmp_path):
     directory = make_fake_flickr8k(tmp_path)
-    assert load_flickr8k("dev", directory).captions == tuple(TOKEN_LINES[DOGS])
+    assert load_flickr8k("dev", directory).captions == tuple(TOKEN_LINES[BENCH])
 
 
 def test_flickr8k_rejects_unknown_split(tmp_path):

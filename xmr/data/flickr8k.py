@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .root import CorruptImageError, DatasetLayout
+from .root import DAMAGED_ADVICE, CorruptImageError, DatasetFormatError, DatasetLayout, first_few, repeated
 
 FLICKR8K_SPLITS = ("train", "dev", "test")
 FLICKR8K_CAPTIONS_PER_IMAGE = 5
@@ -51,6 +51,11 @@ class ImageCaptionSplit:
     captions_per_image: int = FLICKR8K_CAPTIONS_PER_IMAGE
 
     def __post_init__(self) -> None:
+        if not self.image_ids:
+            raise ValueError(f"{self.dataset}/{self.split} has no images")
+        if repeated(self.image_ids):
+            raise ValueError(f"{self.dataset}/{self.split} lists images more than once: "
+                             f"{first_few(repeated(self.image_ids))}")
         if len(self.image_paths) != len(self.image_ids):
             raise ValueError(f"{len(self.image_ids)} image ids but {len(self.image_paths)} image paths")
         if len(self.captions) != len(self.image_ids) * self.captions_per_image:
@@ -94,7 +99,7 @@ def load_image(path: str | os.PathLike, size: int = 224) -> Image.Image:
 def read_flickr8k_captions(token_file: Path) -> dict[str, dict[int, str]]:
     """``{image_id: {caption_number: caption}}`` from ``Flickr8k.token.txt``."""
     captions: dict[str, dict[int, str]] = {}
-    for line_number, line in enumerate(token_file.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_number, line in enumerate(FLICKR8K.read_lines(token_file, token_file.parent), start=1):
         if not line.strip():
             continue
         key, _, caption = line.partition("\t")
@@ -118,14 +123,45 @@ def find_flickr8k_image_folder(directory: Path) -> Path:
     raise FLICKR8K.not_found(f"no image folder ({' or '.join(FLICKR8K_IMAGE_FOLDERS)}) in {directory}", directory)
 
 
+def flickr8k_split_file(split: str) -> str:
+    return f"Flickr_8k.{split}Images.txt"
+
+
+def read_flickr8k_split(directory: Path, split: str) -> tuple[str, ...]:
+    """The image ids of one split file, checked to be non-empty, unique and disjoint from the other splits'."""
+    path = directory / flickr8k_split_file(split)
+    image_ids = tuple(line.strip() for line in FLICKR8K.read_lines(path, directory) if line.strip())
+    twice = repeated(image_ids)
+    if twice:
+        raise FLICKR8K.malformed(f"{path} lists {len(twice)} image(s) more than once: {first_few(twice)}; "
+                                 f"{DAMAGED_ADVICE}", directory)
+    for other in FLICKR8K_SPLITS:
+        other_path = directory / flickr8k_split_file(other)
+        if other == split or not other_path.exists():
+            continue
+        try:
+            other_ids = {line.strip() for line in FLICKR8K.read_lines(other_path, directory)}
+        except DatasetFormatError:
+            continue  # loading that split reports it
+        shared = [image_id for image_id in image_ids if image_id in other_ids]
+        if shared:
+            raise FLICKR8K.malformed(
+                f"{len(shared)} image(s) are in both {path.name} and {other_path.name}, so the {split} and {other} "
+                f"splits overlap: {first_few(shared)}; {DAMAGED_ADVICE}", directory)
+    return image_ids
+
+
 def load_flickr8k(split: str, root: str | os.PathLike | None = None) -> ImageCaptionSplit:
-    """One official Flickr8k split (6000 / 1000 / 1000 images), 5 captions per image in #0-#4 order."""
+    """One official Flickr8k split (6000 / 1000 / 1000 images), 5 captions per image in #0-#4 order.
+
+    Raises :class:`DatasetFormatError` for an empty or non-UTF-8 file, or an image listed twice or in two splits.
+    """
     if split not in FLICKR8K_SPLITS:
         raise ValueError(f"Flickr8k split must be one of {FLICKR8K_SPLITS}, got {split!r}")
-    split_file = f"Flickr_8k.{split}Images.txt"
+    split_file = flickr8k_split_file(split)
     directory = FLICKR8K.locate(root, required=(FLICKR8K_TOKEN_FILE, split_file))
     image_folder = find_flickr8k_image_folder(directory)
-    image_ids = tuple(line.strip() for line in (directory / split_file).read_text().splitlines() if line.strip())
+    image_ids = read_flickr8k_split(directory, split)
 
     on_disk = set(os.listdir(image_folder))
     absent = [image_id for image_id in image_ids if image_id not in on_disk]

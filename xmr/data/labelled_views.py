@@ -3,13 +3,15 @@ UCI Multiple Features."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.io
 import torch
 
-from .root import DatasetLayout
+from .root import DAMAGED_ADVICE, DatasetFormatError, DatasetLayout, first_few, repeated
 
 WIKIPEDIA_SPLITS = {"train": "tr", "test": "te"}  # split -> suffix of the keys in raw_features.mat
 
@@ -85,6 +87,73 @@ def label_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64).reshape(-1))
 
 
+def load_mat(layout: DatasetLayout, path: Path, names: list[str], searched) -> dict[str, np.ndarray]:
+    """The variables ``names`` of a MATLAB file; a :class:`DatasetFormatError` naming the file if any is unreadable."""
+    try:
+        contents = scipy.io.loadmat(path, variable_names=names)
+    except Exception as error:  # noqa: BLE001 - scipy raises OSError, ValueError, zlib.error... on damaged files
+        raise layout.malformed(f"{path} cannot be read as a MATLAB file ({type(error).__name__}: {error}); "
+                               f"{DAMAGED_ADVICE}", searched) from error
+    missing = [name for name in names if name not in contents]
+    if missing:
+        raise layout.malformed(f"{path} lacks the variable(s) {', '.join(missing)} (a truncated file loses its "
+                               f"last variables); {DAMAGED_ADVICE}", searched)
+    return contents
+
+
+def _first_bad_csv_line(path: Path) -> tuple[int, str]:
+    """(line number, problem) of the first line of a header + numbers CSV that is not a full row of numbers."""
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    width = len(lines[0].split(",")) if lines else 0
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split(",")
+        if len(fields) != width:
+            return number, f"{len(fields)} columns where the header has {width}"
+        for field in fields:
+            try:
+                float(field)
+            except ValueError:
+                return number, f"{field.strip()[:40]!r} is not a number"
+    return 0, "unreadable"
+
+
+def load_numeric_csv(layout: DatasetLayout, path: Path, searched) -> np.ndarray:
+    """A CSV of numbers under one header row, (rows, columns) float64; a :class:`DatasetFormatError` naming the
+    file and the first bad line otherwise."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": reported below
+            table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+    except ValueError as error:  # also UnicodeDecodeError
+        line, problem = _first_bad_csv_line(path)
+        where = f"{path}:{line}" if line else str(path)
+        raise layout.malformed(f"{where}: not a row of numbers ({problem}); {DAMAGED_ADVICE}", searched) from error
+    if table.shape[0] == 0:
+        raise layout.malformed(f"{path} has no rows of numbers under its header; {DAMAGED_ADVICE}", searched)
+    return table
+
+
+def read_wikipedia_list(directory: Path, list_file: str, num_classes: int) -> tuple[list[str], list[str], list[int]]:
+    """(text ids, image ids, categories 1..num_classes) of a ``*_txt_img_cat.list`` file, checked line by line."""
+    path = directory / list_file
+    texts, images, categories = [], [], []
+    for number, line in enumerate(WIKIPEDIA.read_lines(path, directory), start=1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 3 or not fields[2].isdigit() or not 1 <= int(fields[2]) <= num_classes:
+            raise WIKIPEDIA.malformed(f"{path}:{number}: expected '<text id> <image id> <category 1-{num_classes}>', "
+                                      f"got {line.strip()[:80]!r}; {DAMAGED_ADVICE}", directory)
+        texts.append(fields[0])
+        images.append(fields[1])
+        categories.append(int(fields[2]))
+    for kind, ids in (("text", texts), ("image", images)):
+        if repeated(ids):
+            raise WIKIPEDIA.malformed(f"{path} lists {kind} id(s) more than once: {first_few(repeated(ids))}; "
+                                      f"{DAMAGED_ADVICE}", directory)
+    return texts, images, categories
+
+
 def load_wikipedia(split: str, root: str | os.PathLike | None = None) -> LabelledViews:
     """Wikipedia's ``"train"`` (2173) or ``"test"`` (693) pairs: views ``"image"`` (128-d) and ``"text"`` (10-d)."""
     if split not in WIKIPEDIA_SPLITS:
@@ -92,20 +161,26 @@ def load_wikipedia(split: str, root: str | os.PathLike | None = None) -> Labelle
     list_file = f"{split}set_txt_img_cat.list"
     directory = WIKIPEDIA.locate(root, required=("raw_features.mat", list_file, "categories.list"))
     keys = {view: f"{view[0].upper()}_{WIKIPEDIA_SPLITS[split]}" for view in ("image", "text")}  # I_tr, T_tr, ...
-    features = scipy.io.loadmat(directory / "raw_features.mat", variable_names=list(keys.values()))
-    if set(keys.values()) - set(features):
-        raise WIKIPEDIA.malformed(f"raw_features.mat lacks {sorted(set(keys.values()) - set(features))}", directory)
-    class_names = tuple(line.strip() for line in (directory / "categories.list").read_text().splitlines()
+    features = load_mat(WIKIPEDIA, directory / "raw_features.mat", list(keys.values()), directory)
+    class_names = tuple(line.strip() for line in WIKIPEDIA.read_lines(directory / "categories.list", directory)
                         if line.strip())
-    categories = [int(line.split()[2]) for line in (directory / list_file).read_text().splitlines()
-                  if line.strip()]
+    texts, images, categories = read_wikipedia_list(directory, list_file, len(class_names))
+    for other, other_split in ((f"{name}set_txt_img_cat.list", name) for name in WIKIPEDIA_SPLITS if name != split):
+        if not (directory / other).exists():
+            continue
+        try:
+            other_texts, other_images, _ = map(set, read_wikipedia_list(directory, other, len(class_names)))
+        except DatasetFormatError:
+            continue  # loading that split reports it
+        shared = [f"text {i}" for i in texts if i in other_texts] + [f"image {i}" for i in images if i in other_images]
+        if shared:
+            raise WIKIPEDIA.malformed(f"{list_file} and {other} share ids, so the {split} and {other_split} splits "
+                                      f"overlap: {first_few(shared)}; {DAMAGED_ADVICE}", directory)
     labels = label_tensor(np.asarray(categories)) - 1  # categories 1-10 -> 0-9
 
     rows = {**{key: features[key].shape[0] for key in keys.values()}, list_file: len(labels)}
     if len(set(rows.values())) != 1:
         raise WIKIPEDIA.malformed(f"row counts disagree: {rows}", directory)
-    if labels.min() < 0 or labels.max() >= len(class_names):
-        raise WIKIPEDIA.malformed(f"{list_file} has categories outside 1..{len(class_names)}", directory)
     return LabelledViews(
         dataset="wikipedia",
         split=split,
@@ -122,7 +197,7 @@ def load_drcl_wikipedia_features(root: str | os.PathLike | None = None
     The priors dict holds ``"image"``, ``"text"`` and ``"selected"`` (the one DRCL used; equal to the image one).
     """
     directory = DRCL_WIKIPEDIA.locate(root, required=(*DRCL_VIEW_FILES.values(), *DRCL_PRIOR_FILES.values()))
-    mats = {view: scipy.io.loadmat(directory / file, variable_names=["test_fea", "test_lab"])
+    mats = {view: load_mat(DRCL_WIKIPEDIA, directory / file, ["test_fea", "test_lab"], directory)
             for view, file in DRCL_VIEW_FILES.items()}
     labels = label_tensor(mats["image"]["test_lab"])  # (462,)
     if not torch.equal(labels, label_tensor(mats["text"]["test_lab"])):
@@ -134,7 +209,7 @@ def load_drcl_wikipedia_features(root: str | os.PathLike | None = None
         labels=labels,
         class_names=WIKIPEDIA_CATEGORIES,
     )
-    priors = {name: float_tensor(scipy.io.loadmat(directory / file, variable_names=["W"])["W"])
+    priors = {name: float_tensor(load_mat(DRCL_WIKIPEDIA, directory / file, ["W"], directory)["W"])
               for name, file in DRCL_PRIOR_FILES.items()}
     return views, priors
 
@@ -142,7 +217,7 @@ def load_drcl_wikipedia_features(root: str | os.PathLike | None = None
 def load_uci_mfeat(root: str | os.PathLike | None = None) -> LabelledViews:
     """UCI Multiple Features: 2000 handwritten digits (200 per class) described by 6 feature views."""
     directory = UCI_MFEAT.locate(root, required=tuple(UCI_MFEAT_VIEW_FILES.values()))
-    tables = {view: np.loadtxt(directory / file, delimiter=",", skiprows=1, ndmin=2)
+    tables = {view: load_numeric_csv(UCI_MFEAT, directory / file, directory)
               for view, file in UCI_MFEAT_VIEW_FILES.items()}
     labels = label_tensor(tables["fourier"][:, -1])
     for view, table in tables.items():

@@ -24,6 +24,8 @@ class PairedFeatures(Dataset):
                  captions_per_image: int = 5, caption_choice: str = "random", seed: int = 0):
         if caption_choice not in CAPTION_CHOICES:
             raise ValueError(f"caption_choice must be one of {CAPTION_CHOICES}, got {caption_choice!r}")
+        if image.shape[0] == 0:
+            raise ValueError("no images: the split these features come from is empty")
         if text.shape[0] != image.shape[0] * captions_per_image:
             raise ValueError(
                 f"{image.shape[0]} images need {image.shape[0] * captions_per_image} captions "

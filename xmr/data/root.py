@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DATA_ENV_VAR = "XMR_DATA"
+# What to do about a file that exists but cannot be read as its documented format.
+DAMAGED_ADVICE = ("check the file; if it was cut short or changed, download it again from the official source "
+                  "below")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -21,23 +24,38 @@ class CorruptImageError(OSError):
 
 
 def resolve_data_root(root: str | os.PathLike | None = None) -> Path:
-    """The data root: the ``root`` argument, else ``$XMR_DATA``; it must be an existing directory."""
+    """The data root: the ``root`` argument, else ``$XMR_DATA``, else ``../shared/data`` beside the repository
+    where it exists, else the user cache folder that ``python -m xmr.data fetch`` fills; it must exist."""
     if root is not None:
         path, origin = Path(root), "the root argument"
-    elif os.environ.get(DATA_ENV_VAR):
-        path, origin = Path(os.environ[DATA_ENV_VAR]), f"${DATA_ENV_VAR}"
     else:
-        raise DatasetNotFoundError(
-            f"No data root given: pass root=... to the loader or set the environment variable {DATA_ENV_VAR} "
-            f"(e.g. export {DATA_ENV_VAR}=/path/to/data) to the folder that holds the dataset folders."
-        )
+        from .fetch import default_data_root_with_origin  # lazy: fetch imports this module
+        path, origin = default_data_root_with_origin()
     path = path.expanduser()
     if not path.is_dir():
         raise DatasetNotFoundError(
-            f"Data root {path} (from {origin}) is not a directory: pass root=... to the loader "
-            f"or set {DATA_ENV_VAR} to the folder that holds the dataset folders."
+            f"Data root {path} (from {origin}) is not a directory: pass root=... to the loader, set {DATA_ENV_VAR} "
+            f"to the folder that holds the dataset folders, or download them there with "
+            f"`python -m xmr.data fetch` (then `python -m xmr.data check`)."
         )
     return path
+
+
+def repeated(items) -> list:
+    """The items that occur more than once, each once, in order of first occurrence."""
+    seen, twice = set(), {}
+    for item in items:
+        if item in seen:
+            twice[item] = None
+        seen.add(item)
+    return list(twice)
+
+
+def first_few(items, count: int = 5) -> str:
+    """``a, b, c`` or ``a, b, c, ... (12 in all)``: examples for an error message."""
+    items = list(items)
+    shown = ", ".join(str(item) for item in items[:count])
+    return shown if len(items) <= count else f"{shown}, ... ({len(items)} in all)"
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,23 @@ class DatasetLayout:
 
     def malformed(self, problem: str, searched: str | os.PathLike | None) -> DatasetFormatError:
         return DatasetFormatError(self.describe(problem, searched))
+
+    def read_lines(self, path: Path, searched: str | os.PathLike | None) -> list[str]:
+        """The lines of a UTF-8 text file of this dataset.
+
+        Raises :class:`DatasetFormatError` naming the file (and the line) if it is not UTF-8 or holds no text.
+        """
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = data.count(b"\n", 0, error.start) + 1
+            raise self.malformed(f"{path}:{line}: not valid UTF-8 (byte {data[error.start]:#04x} at offset "
+                                 f"{error.start}); {DAMAGED_ADVICE}", searched) from error
+        lines = text.removeprefix("\ufeff").splitlines()
+        if not any(line.strip() for line in lines):
+            raise self.malformed(f"{path} is empty; {DAMAGED_ADVICE}", searched)
+        return lines
 
     def locate(self, root: str | os.PathLike | None = None, required: tuple[str, ...] = ()) -> Path:
         """The dataset folder (``<root>/<folder>``, or ``root`` itself), checked to hold ``required`` files."""

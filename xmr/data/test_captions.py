@@ -84,7 +84,7 @@ def load_test_captions(dataset: str, split: str = "test", root: str | os.PathLik
     relative = TEST_CAPTION_FILES[dataset, split]
     directory = TEST_CAPTIONS.locate(root, required=(relative,))
     path = directory / relative
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = TEST_CAPTIONS.read_lines(path, directory)  # UTF-8 and not empty, or a DatasetFormatError
     blank = [number for number, line in enumerate(lines, start=1) if not line.strip()]
     if blank:
         raise TEST_CAPTIONS.malformed(f"{path}: empty caption on line(s) {blank[:5]}", directory)
