@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _check_pairs(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+def check_feature_pairs(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless both are non-empty (B, D) tensors of one shape (paired features)."""
     if image_features.dim() != 2 or image_features.shape != text_features.shape:
         raise ValueError(
             f"expected two (B, D) tensors of the same shape, got {tuple(image_features.shape)} and "
@@ -62,7 +63,7 @@ class TripletLoss(nn.Module):
         self.printed_sign = printed_sign
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, torch.Tensor]:
-        _check_pairs(image_features, text_features)
+        check_feature_pairs(image_features, text_features)
         sims = image_features @ text_features.T  # (B, B): sims[i, j] = s(image i, caption j)
         if self.printed_sign:
             sims = -sims  # alpha - S_ii + S_ij becomes alpha + S_ii - S_ij, as printed
@@ -132,7 +133,7 @@ class InfoNCELoss(nn.Module):
         return (torch.logsumexp(negatives_only, dim=1) - positives).mean()
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, torch.Tensor]:
-        _check_pairs(image_features, text_features)
+        check_feature_pairs(image_features, text_features)
         if self.exclude_positive_from_denominator and len(image_features) < 2:
             raise ValueError("the literal Eq. (4) needs at least one negative: batch size must be at least 2")
         sims = image_features @ text_features.T  # (B, B)
@@ -167,7 +168,7 @@ class BarlowTwinsLoss(nn.Module):
         return (features - mean) / torch.sqrt(variance + self.eps)  # (B, D)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, torch.Tensor]:
-        _check_pairs(image_features, text_features)
+        check_feature_pairs(image_features, text_features)
         batch = len(image_features)
         if batch < 2:
             raise ValueError("Barlow Twins normalises over the batch: batch size must be at least 2")

@@ -64,6 +64,7 @@ from .. import distributed
 from ..data import PairedFeatures
 from ..encoders import GPO, ProjectionHead, Tower, count_trainable_parameters, sort_regions
 from ..experiment import CaptionInputs, ExperimentOutcome
+from ..losses import check_feature_pairs
 from ..train import TrainConfig, encode, evaluate_retrieval_per_query, fit
 
 PAPER_ID = "coder2022"
@@ -190,7 +191,7 @@ class DiversityContrastiveLoss(nn.Module):
                 image_bank: torch.Tensor | None = None, text_bank: torch.Tensor | None = None,
                 pair_ids: torch.Tensor | None = None,
                 bank_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        _check_pairs(image_features, text_features)
+        check_feature_pairs(image_features, text_features)
         sims = image_features @ text_features.T  # (B, B): S_nq = cos(v_n, w_q)
         text_bank_sims = image_features @ text_bank.T if text_bank is not None else None  # (B, Q)
         image_bank_sims = text_features @ image_bank.T if image_bank is not None else None  # (B, Q)
@@ -205,8 +206,8 @@ class DiversityContrastiveLoss(nn.Module):
                     bank_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """M-DCL (Eq. 6): image queries (B, D) against [text keys (B, D); text bank (Q, D)], and text queries
         against [image keys; image bank]; key n is the positive of query n. Keys and banks are constants."""
-        _check_pairs(image_features, text_features)
-        _check_pairs(image_keys, text_keys)
+        check_feature_pairs(image_features, text_features)
+        check_feature_pairs(image_keys, text_keys)
         image_keys, text_keys = image_keys.detach(), text_keys.detach()
         image_bank, text_bank = image_bank.detach(), text_bank.detach()
         batch_mask, bank_mask = self._masks(pair_ids, bank_ids)
@@ -215,14 +216,6 @@ class DiversityContrastiveLoss(nn.Module):
         loss_t2i, _ = self.direction(text_features @ image_keys.T, text_features @ image_bank.T, True,
                                      batch_mask, bank_mask)
         return {"loss": loss_i2t + loss_t2i, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i}
-
-
-def _check_pairs(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
-    if image_features.dim() != 2 or image_features.shape != text_features.shape:
-        raise ValueError(f"expected two (B, D) tensors of the same shape, got {tuple(image_features.shape)} and "
-                         f"{tuple(text_features.shape)}")
-    if len(image_features) == 0:
-        raise ValueError("expected a non-empty batch, got B = 0")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -423,7 +416,7 @@ class PrototypeClassificationLoss(nn.Module):
 
     def forward(self, image_concepts: torch.Tensor, text_concepts: torch.Tensor,
                 labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        _check_pairs(image_concepts, text_concepts)
+        check_feature_pairs(image_concepts, text_concepts)
         loss_image = F.cross_entropy(self.head(image_concepts), labels)
         loss_text = F.cross_entropy(self.head(text_concepts), labels)
         return {"loss": loss_image + loss_text, "loss_image": loss_image, "loss_text": loss_text}
