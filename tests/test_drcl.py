@@ -1,18 +1,25 @@
 """DRCL (xmr.methods.drcl) and CCA (xmr.methods.cca): equations against plain references, the pieces' algebra,
-the code bugs kept as flags, and a two-modality toy problem the method must solve."""
+the code bugs kept as flags, training through xmr.train.fit, result files, and a two-modality toy problem the
+method must solve."""
+import copy
 import math
+from dataclasses import replace as dataclasses_replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from xmr.category_retrieval import (CrossModalData, Modality, evaluate_features, map_evaluation, map_table, pr_curves,
+                                    stratified_split, uci_mfeat_data, wikipedia_data)
 from xmr.methods.cca import fit_cca, fit_mcca, run_cca, run_mcca
-from xmr.methods.drcl import (CrossModalData, DRCLSettings, Modality, ReversibleConsistencyLoss, TrainSettings,
-                              feature_mixup, generalized_cross_entropy, hardness_q, learn_prior, learn_priors,
-                              map_table, pr_curves, quality_score, random_orthogonal_prior, recast_anchors, run_drcl,
-                              run_sdml, scaled_cosine, select_prior, stratified_split, train_modality,
-                              wikipedia_data, uci_mfeat_data)
-from xmr.train import NonFiniteLossError
+from xmr.methods.drcl import (ADAM_BETAS, DRCLSettings, PriorLearning, ReversibleConsistencyLoss, RSCModel,
+                              SPLModel, feature_mixup, generalized_cross_entropy, hardness_q, learn_prior,
+                              learn_priors, quality_score, random_orthogonal_prior, recast_anchors, record_run,
+                              run_drcl, run_result_fields, run_sdml, scaled_cosine, select_prior, train_modality,
+                              training_config)
+from xmr.metrics import average_precisions
+from xmr.results import read_record, write_result
+from xmr.train import TrainResult, fit
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -106,6 +113,10 @@ def test_gce_limits_cross_entropy_and_mae():
 def test_gce_literal_q_zero_is_nan_and_negative_q_is_rejected():
     logits, labels = torch.randn(3, 4), torch.tensor([0, 1, 2])
     assert math.isnan(float(generalized_cross_entropy(logits, labels, 0.0, literal=True)))
+    # ... but its gradient is exactly zero (pow's backward at exponent 0): the authors' first epoch moves nothing
+    logits.requires_grad_(True)
+    gradient = torch.autograd.grad(generalized_cross_entropy(logits, labels, 0.0, literal=True), logits)[0]
+    assert torch.equal(gradient, torch.zeros_like(logits))
     with pytest.raises(ValueError):
         generalized_cross_entropy(logits, labels, -0.1)
 
@@ -170,10 +181,10 @@ def test_quality_score_by_hand():
 
 
 def test_select_prior_takes_the_highest_score():
-    from xmr.methods.drcl import PriorLearning
-    priors = {name: PriorLearning(torch.zeros(2, 2), score, 1, [], 0.0)
+    priors = {name: PriorLearning(torch.zeros(2, 2), TrainResult(best_epoch=1, best_metrics={"quality_score": score}))
               for name, score in (("image", 0.4), ("text", 0.7), ("audio", 0.5))}
     assert select_prior(priors) == "text"
+    assert priors["text"].score == 0.7 and priors["text"].best_epoch == 1
 
 
 def test_feature_mixup_labels():
@@ -277,11 +288,17 @@ def toy_problem(seed=0, classes=4, sizes=(240, 160), test_size=80, noise=0.5, pa
         drawn = {name: sample(count) for name, count in zip(maps, counts)}
         return {name: Modality(torch.tanh(drawn[name][1] @ maps[name]), drawn[name][0]) for name in maps}
 
-    return CrossModalData(split(sizes), split((test_size, test_size)), split((test_size, test_size)), classes)
+    return CrossModalData(split(sizes), split((test_size, test_size)), split((test_size, test_size)), classes,
+                          paired=paired)
 
 
-SMALL = DRCLSettings(hidden_dim=64, embed_dim=16, q_ramp_epochs=10)
-FAST = TrainSettings(epochs=20, batch_size=40, lr=1e-3, seed=0)
+# fixed budgets (no early stop) keep these toy runs comparable with the authors' loop
+SMALL = DRCLSettings(hidden_dim=64, embed_dim=16, q_ramp_epochs=10, spl_max_epochs=20, spl_patience=None)
+FAST = training_config(max_epochs=20, patience=None, batch_size=40, lr=1e-3, seed=0)
+
+
+def short_training(epochs, **changes):
+    return training_config(**{"max_epochs": epochs, "patience": None, "batch_size": 40, "lr": 1e-3, **changes})
 
 
 def test_drcl_solves_a_two_modality_toy_problem():
@@ -292,11 +309,13 @@ def test_drcl_solves_a_two_modality_toy_problem():
     assert metrics["map_all_a2b"] > 0.85 and metrics["map_all_b2a"] > 0.85, metrics
     assert chance["map_all_avg"] < 0.45
     assert run.prior_source in ("a", "b") and run.prior_source == select_prior(run.priors)
-    for record in run.priors.values():                                     # SPL learned: score above chance 1/4
-        assert record.score > 0.5 and 1 <= record.best_epoch <= FAST.epochs
+    for learned in run.priors.values():                                    # SPL learned: score above chance 1/4
+        assert learned.score > 0.5 and 1 <= learned.best_epoch <= SMALL.spl_max_epochs
+        assert learned.score == max(row["val_quality_score"] for row in learned.training.history)
     for trained in run.encoders.values():
-        assert 1 <= trained.best_epoch <= FAST.epochs
-        assert trained.best_validation_loss == min(row["score"] for row in trained.history)
+        assert 1 <= trained.best_epoch <= FAST.max_epochs
+        assert trained.training.stopped_by == "budget" and trained.training.epochs_run == FAST.max_epochs
+        assert trained.best_validation_loss == min(row["val_loss"] for row in trained.training.history)
     curves = pr_curves(run.embed(data.test))
     assert set(curves) == {"a2b", "b2a"} and len(curves["a2b"]) == 11
 
@@ -304,7 +323,7 @@ def test_drcl_solves_a_two_modality_toy_problem():
 def test_every_ablation_variant_and_sdml_train_on_the_toy_problem():
     data = toy_problem(seed=1)
     priors = learn_priors(data, SMALL, FAST)
-    short = TrainSettings(epochs=6, batch_size=40, lr=1e-3)
+    short = short_training(6)
     for variant in (dict(augmentation="none"), dict(augmentation="input"), dict(fixed_q=2.0),
                     dict(use_label_loss=False), dict(use_discrimination_loss=False), dict(use_mse_loss=False),
                     dict(recast="transpose")):
@@ -315,34 +334,189 @@ def test_every_ablation_variant_and_sdml_train_on_the_toy_problem():
     assert random_prior.prior_source == "random" and not random_prior.priors
     per_modality = run_drcl(data, SMALL, short, priors=priors, prior="b")
     assert torch.equal(per_modality.prior, priors["b"].prior)
-    sdml = run_sdml(data, 64, 16, TrainSettings(epochs=15, batch_size=40, lr=1e-3))
+    sdml = run_sdml(data, 64, 16, short_training(15))
     assert map_table(sdml.embed(data.test))["map_all_avg"] > 0.8
     learned = run_sdml(data, 64, 16, short, prior=priors["a"].prior)
     assert learned.prior_source == "given"
 
 
-def test_code_bugs_as_flags():
+def test_prior_from_last_epoch_flag():
     data = toy_problem(seed=2)
     initial = random_orthogonal_prior(16, 4)
-    with pytest.raises(NonFiniteLossError):                                 # q = 0 in the first epoch: 0/0
-        learn_prior(data.train["a"], 4, initial, DRCLSettings(**{**SMALL.__dict__, "literal_q_at_epoch_zero": True}),
-                    FAST)
-    best = learn_prior(data.train["a"], 4, initial, SMALL, TrainSettings(epochs=8, batch_size=40, lr=1e-2))
-    last = learn_prior(data.train["a"], 4, initial, DRCLSettings(**{**SMALL.__dict__, "prior_from_last_epoch": True}),
-                       TrainSettings(epochs=8, batch_size=40, lr=1e-2))
+    eight = dataclasses_replace(SMALL, spl_max_epochs=8, spl_lr=1e-2)
+    best = learn_prior(data.train["a"], 4, initial, eight, FAST)
+    last = learn_prior(data.train["a"], 4, initial, dataclasses_replace(eight, prior_from_last_epoch=True), FAST)
     assert best.score == last.score and best.best_epoch == last.best_epoch   # the same run and reported score
     assert torch.equal(best.prior, last.prior) == (best.best_epoch == 8)   # ... but W from another epoch
+
+
+def test_literal_q_at_epoch_zero_trains_on_without_moving_in_epoch_one():
+    """The authors' q = 0 first epoch prints NaN but has a zero gradient: no exception, no update, then training."""
+    data = toy_problem(seed=2)
+    initial = random_orthogonal_prior(16, 4)
+    literal = dataclasses_replace(SMALL, literal_q_at_epoch_zero=True, spl_lr=1e-2)
+    model = SPLModel(data.train["a"].features.shape[1], initial, literal, seed=0)
+    before = copy.deepcopy(model.state_dict())
+    result = fit(model, data.train["a"], dataclasses_replace(FAST, max_epochs=1, select_by=None))
+    for name, value in model.state_dict().items():                          # encoder and W: exactly unchanged
+        assert torch.equal(value, before[name]), name
+    assert result.history[0]["train_printed_nan"] == 1.0 and result.history[0]["train_loss"] == 0.0
+    three = learn_prior(data.train["a"], 4, initial, dataclasses_replace(literal, spl_max_epochs=3), FAST)
+    rows = three.training.history
+    assert [row["train_printed_nan"] for row in rows] == [1.0, 0.0, 0.0]
+    assert rows[0]["val_quality_score"] == pytest.approx(SPLModel(20, initial, literal).quality(data.train["a"]))
+    assert rows[2]["val_quality_score"] > rows[0]["val_quality_score"]       # trained on after the NaN epoch
+    assert not torch.equal(three.prior, initial)
+
+
+def test_the_q_schedule_reaches_the_loss_through_on_epoch_start(monkeypatch):
+    data = toy_problem(seed=3)
+    prior = random_orthogonal_prior(16, 4)
+    settings = dataclasses_replace(SMALL, q_ramp_epochs=4)
+    model = RSCModel(data.train["a"].features.shape[1], prior, settings)
+    seen = []
+    forward = model.objective.forward
+    monkeypatch.setattr(model.objective, "forward", lambda e, t, q: seen.append(q) or forward(e, t, q))
+    steps = len(data.train["a"]) // 40
+    fit(model, data.train["a"], dataclasses_replace(FAST, max_epochs=5, select_by=None))
+    assert seen == [q for epoch in range(1, 6) for q in [settings.q(epoch)] * steps]
+    assert seen[-1] == 1.0 and seen[0] == 0.25
+    # SPL's literal schedule counts epochs from 0
+    spl = SPLModel(20, prior, dataclasses_replace(settings, literal_q_at_epoch_zero=True))
+    qs = []
+    for epoch in (1, 2, 3):
+        spl.on_epoch_start(epoch)
+        qs.append(spl.q)
+    assert qs == [0.0, 0.25, 0.5]
+
+
+def test_fit_restores_the_epoch_with_the_lowest_validation_loss():
+    data = toy_problem(seed=3)
+    prior = random_orthogonal_prior(16, 4)
+    settings = dataclasses_replace(SMALL, fixed_q=1.0)      # a fixed q: validation losses comparable across epochs
+    trained = train_modality(data.train["a"], data.val["a"], 4, prior, settings, short_training(12, lr=3e-2))
+    losses = [row["val_loss"] for row in trained.training.history]
+    assert trained.best_epoch == 1 + losses.index(min(losses)) < len(losses)   # not simply the last epoch
+    model = RSCModel(20, prior, settings)
+    model.encoder = trained.encoder
+    assert model.validation_loss(data.val["a"]) == pytest.approx(min(losses), rel=1e-6)
+    assert model.validation_loss(data.val["a"]) != pytest.approx(losses[-1], rel=1e-6)
+
+
+def test_training_budget_and_plateau_reach_every_stage():
+    data = toy_problem(seed=3)
+    settings = dataclasses_replace(SMALL, spl_max_epochs=4, spl_patience=None)
+    run = run_drcl(data, settings, training_config(max_epochs=40, patience=1, batch_size=40, lr=3e-2))
+    for learned in run.priors.values():
+        assert learned.training.record()["epochs_budget"] == 4 and learned.training.stopped_by == "budget"
+    for trained in run.encoders.values():
+        assert trained.training.stopped_by == "plateau" and trained.training.epochs_run < 40
+        assert trained.training.epochs_run == trained.best_epoch + 1
 
 
 def test_training_is_seeded_and_refuses_empty_batches():
     data = toy_problem(seed=3)
     prior = random_orthogonal_prior(16, 4)
-    settings = TrainSettings(epochs=3, batch_size=40, lr=1e-3, seed=5)
+    settings = short_training(3, seed=5)
     first = train_modality(data.train["a"], data.val["a"], 4, prior, SMALL, settings)
     second = train_modality(data.train["a"], data.val["a"], 4, prior, SMALL, settings)
-    assert first.history == [{**row, "epoch": row["epoch"]} for row in second.history]
+
+    def untimed(rows):
+        return [{key: value for key, value in row.items() if not key.endswith("time_s")} for row in rows]
+
+    assert untimed(first.training.history) == untimed(second.training.history)
+    for a, b in zip(first.encoder.parameters(), second.encoder.parameters()):
+        assert torch.equal(a, b)
     with pytest.raises(ValueError, match="no batch"):
-        train_modality(data.train["b"], data.val["b"], 4, prior, SMALL, TrainSettings(epochs=1, batch_size=1024))
+        train_modality(data.train["b"], data.val["b"], 4, prior, SMALL, short_training(1, batch_size=1024))
+
+
+def test_adam_uses_the_authors_betas():
+    model = RSCModel(20, random_orthogonal_prior(16, 4), SMALL)
+    assert [group["betas"] for group in model.parameter_groups(1e-3)] == [ADAM_BETAS]
+    assert FAST.grad_clip_norm is None and not FAST.mixed_precision
+
+
+def test_a_modality_fetches_whole_batches():
+    rows = Modality(torch.arange(12.0).reshape(6, 2), torch.tensor([0, 1, 0, 1, 2, 2]))
+    batch = rows[[4, 0, 3]]
+    torch.testing.assert_close(batch["features"], torch.tensor([[8.0, 9.0], [0.0, 1.0], [6.0, 7.0]]))
+    assert batch["labels"].tolist() == [2, 0, 1] and Modality.fetches_batches
+    with pytest.raises(ValueError, match="paired"):
+        CrossModalData({"a": rows, "b": Modality(rows.features, rows.labels.flip(0))}, {"a": rows}, {"a": rows}, 3,
+                       paired=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-query APs and result files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_query_means(metrics, per_query):
+    query_means = per_query["query_means"]
+    assert query_means
+    for name, values in query_means.items():
+        assert sum(values) / len(values) == pytest.approx(metrics[name], abs=1e-6), name
+    return query_means
+
+
+def common_space(split, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return {name: Modality(torch.randn(len(m), 5, generator=generator) + m.labels[:, None], m.labels)
+            for name, m in split.items()}
+
+
+def test_per_query_means_equal_the_maps():
+    features = common_space(toy_problem(seed=4, sizes=(200, 200), paired=True).test)
+    metrics, per_query = map_evaluation(features, paired=True)
+    assert metrics == map_table(features)
+    query_means = check_query_means(metrics, per_query)
+    assert set(query_means) == {"map_all_a2b", "map_all_b2a", "map_all_avg", "map_50_avg"}
+    a2b = average_precisions(features["a"].features, features["a"].labels, features["b"].features,
+                             features["b"].labels)
+    b2a = average_precisions(features["b"].features, features["b"].labels, features["a"].features,
+                             features["a"].labels)
+    assert query_means["map_all_avg"] == pytest.approx(((a2b + b2a) / 2).tolist(), abs=5e-7)   # same query item
+    # unpaired modalities share no query items: per-direction lists only
+    unpaired = toy_problem(seed=4)
+    metrics, per_query = map_evaluation(common_space(unpaired.test), paired=False)
+    assert set(check_query_means(metrics, per_query)) == {"map_all_a2b", "map_all_b2a"}
+
+
+def test_run_files_validate_and_hold_the_training_stages(tmp_path):
+    data = toy_problem(seed=4, sizes=(200, 200), paired=True)
+    short = dataclasses_replace(SMALL, spl_max_epochs=3)
+    run = run_drcl(data, short, short_training(4))
+    metrics = record_run(tmp_path, "toy_drcl", run, data, "toy", {"seed": 0})
+    written = read_record(tmp_path / "drcl2024" / "toy_drcl.json")      # validates against the schema
+    assert written["metrics"] == pytest.approx(metrics) and "val_map_all_avg" in metrics
+    assert all(isinstance(value, float) for value in written["metrics"].values())
+    check_query_means(written["metrics"], written["per_query"])
+    stages = written["training"]["stages"]
+    assert set(stages) == {"prior_a", "prior_b", "encoder_a", "encoder_b"}
+    assert stages["prior_a"]["epochs_budget"] == 3 and stages["encoder_b"]["epochs_run"] == 4
+    assert written["training"]["epochs_run"] == 14 and written["training"]["stopped_by"] == "budget"
+    assert set(written["quality_scores"]) == {"a", "b"} and written["prior_source"] == run.prior_source
+    assert {row["stage"] for row in written["history"]} == {"prior", "encoder"}
+    # SDML and the random-prior ablation have no SPL stage
+    sdml = run_sdml(data, 64, 16, short_training(3))
+    fields = run_result_fields(sdml, data)
+    assert set(fields["training"]["stages"]) == {"encoder_a", "encoder_b"} and fields["extra"]["quality_scores"] == {}
+    write_result(tmp_path, "drcl2024", "toy_sdml", parameters={"seed": 0}, dataset="toy", split="test", **fields)
+    read_record(tmp_path / "drcl2024" / "toy_sdml.json")
+    # closed-form runs: CCA, multi-set CCA, and the evaluation of fixed (released) features
+    for name, result in (("toy_cca", run_cca(data)), ("toy_mcca", run_mcca(data))):
+        write_result(tmp_path, "drcl2024", name, parameters={"reg": 1e-3}, dataset="toy", split="test",
+                     **result.result_fields())
+        written = read_record(tmp_path / "drcl2024" / f"{name}.json")
+        assert written["training"]["stopped_by"] == "closed_form" and written["dims"]
+        check_query_means(written["metrics"], written["per_query"])
+    check = evaluate_features(common_space(data.test))
+    write_result(tmp_path, "drcl2024", "toy_evaluator_check", parameters={"features": "raw"}, dataset="toy",
+                 split="test", **check)
+    written = read_record(tmp_path / "drcl2024" / "toy_evaluator_check.json")
+    assert written["training"]["stopped_by"] == "closed_form"
+    assert set(check_query_means(written["metrics"], written["per_query"])) >= {"map_all_avg", "map_50_avg"}
 
 
 def test_stratified_split():
@@ -391,6 +565,7 @@ def test_cca_runs_on_the_toy_problem_with_paired_rows():
     paired = toy_problem(seed=4, sizes=(200, 200), paired=True)
     for result in (run_cca(paired), run_mcca(paired)):
         assert set(result.metrics) >= {"map_all_a2b", "map_all_b2a", "map_50_a2b", "map_all_avg", "map_50_avg"}
+        check_query_means(result.metrics, result.per_query)
         assert result.metrics["map_all_avg"] > 0.5                         # the classes are linearly visible
         features = next(iter(result.test_features.values()))
         assert features["a"].features.shape[1] == next(iter(result.dims.values()))

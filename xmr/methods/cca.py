@@ -17,6 +17,7 @@ Every covariance gets a ridge of ``reg`` times its mean eigenvalue. Retrieval us
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -24,7 +25,9 @@ from itertools import combinations
 import scipy.linalg
 import torch
 
-from .drcl import CrossModalData, Modality, map_table
+from ..category_retrieval import (CrossModalData, Modality, direction_average_precisions, map_evaluation, map_metrics,
+                                  map_table)
+from ..results import closed_form_training
 
 
 @dataclass(frozen=True)
@@ -116,40 +119,54 @@ def _candidates(max_dim: int, dims: Sequence[int] | None) -> list[int]:
 
 @dataclass
 class CCAResult:
-    """Test metrics (:func:`xmr.methods.drcl.map_table` keys) and the projected test features of every fit: one
-    entry per modality pair for pairwise CCA, one entry (all modalities) for multi-set CCA."""
+    """Test metrics (:func:`xmr.category_retrieval.map_table` keys), the per-query APs behind them, and the
+    projections, chosen dimension and projected test features of every fit: one entry per modality pair for
+    pairwise CCA, one entry (all modalities) for multi-set CCA."""
 
     metrics: dict[str, float]
+    per_query: dict
     test_features: dict[tuple[str, ...], dict[str, Modality]]
     dims: dict[tuple[str, ...], int]
+    projections: dict[tuple[str, ...], dict[str, LinearProjection]]
+    wall_time_s: float
+
+    def result_fields(self) -> dict:
+        """The ``metrics``, ``per_query``, ``training`` (closed form: no seed variance) and ``extra`` (the chosen
+        dimensions) arguments of :func:`xmr.results.write_result`."""
+        return {"metrics": self.metrics, "per_query": self.per_query,
+                "training": closed_form_training(self.wall_time_s),
+                "extra": {"dims": {"-".join(key): dim for key, dim in self.dims.items()}}}
 
 
 def run_cca(data: CrossModalData, reg: float = 1e-3, dims: Sequence[int] | None = None) -> CCAResult:
     """Pairwise CCA: one CCA per pair of modalities on their (paired) training rows, its dimension chosen on the
     validation split from ``dims``; test MAP@all and MAP@50 of both directions (``map_all_avg`` is the mean over
     all ordered pairs)."""
-    metrics: dict[str, float] = {}
-    features, chosen = {}, {}
+    started = time.perf_counter()
+    features, chosen, fitted = {}, {}, {}
+    precisions: dict[int | None, dict] = {None: {}, 50: {}}
     for first, second in combinations(data.modalities, 2):
         pair = CrossModalData({n: data.train[n] for n in (first, second)}, {n: data.val[n] for n in (first, second)},
-                              {n: data.test[n] for n in (first, second)}, data.num_classes)
+                              {n: data.test[n] for n in (first, second)}, data.num_classes, paired=data.paired)
         proj_first, proj_second, _ = fit_cca(data.train[first].features, data.train[second].features, reg=reg)
         projections = {first: proj_first, second: proj_second}
         dim = _best_dim(pair, projections, _candidates(proj_first.weights.shape[1], dims))
         features[first, second], chosen[first, second] = _project(pair.test, projections, dim), dim
-        pair_metrics = map_table(features[first, second])
-        metrics.update({key: value for key, value in pair_metrics.items() if not key.endswith("_avg")})
-    for tag in ("all", "50"):
-        values = [value for key, value in metrics.items() if key.startswith(f"map_{tag}_")]
-        metrics[f"map_{tag}_avg"] = sum(values) / len(values)
-    return CCAResult(metrics, features, chosen)
+        fitted[first, second] = projections
+        for k, directions in precisions.items():
+            directions.update(direction_average_precisions(features[first, second], k))
+    metrics, per_query = map_metrics(precisions, data.paired)
+    return CCAResult(metrics, per_query, features, chosen, fitted, time.perf_counter() - started)
 
 
 def run_mcca(data: CrossModalData, reg: float = 1e-3, dims: Sequence[int] | None = None) -> CCAResult:
     """Multi-set CCA of all modalities at once (one common space), dimension chosen on the validation split."""
+    started = time.perf_counter()
     projections, _ = fit_mcca({name: data.train[name].features for name in data.modalities}, reg=reg,
                               dim=sum(data.train[name].features.shape[1] for name in data.modalities))
     dim = _best_dim(data, projections, _candidates(next(iter(projections.values())).weights.shape[1], dims))
     features = _project(data.test, projections, dim)
     key = tuple(data.modalities)
-    return CCAResult(map_table(features), {key: features}, {key: dim})
+    metrics, per_query = map_evaluation(features, paired=data.paired)
+    return CCAResult(metrics, per_query, {key: features}, {key: dim}, {key: projections},
+                     time.perf_counter() - started)

@@ -7,159 +7,51 @@ authors' code (github.com/QinYang79/DRCL), which this module follows. Equation n
 Every modality ``k`` has its own encoder ``f_k`` (:class:`ModalityEncoder`) and is trained alone, so any number of
 modalities, with any number of (unpaired) samples each, can be used. Two stages:
 
-1. **SPL** (:func:`learn_prior`, :func:`select_prior`). On every modality, an encoder and a matrix
-   ``W_k`` (d x C, initialised as the first C columns of a random orthogonal d x d matrix, the same for every
-   modality) are trained with the generalised cross-entropy (Eq. 1, :func:`generalized_cross_entropy`)
+1. **SPL** (:class:`SPLModel`, :func:`learn_prior`, :func:`select_prior`). On every modality, an encoder and a
+   matrix ``W_k`` (d x C, initialised as the first C columns of a random orthogonal d x d matrix, the same for
+   every modality) are trained with the generalised cross-entropy (Eq. 1, :func:`generalized_cross_entropy`)
    ``mean_i [1 - softmax(z_i W_k)_{y_i} ** q] / q`` under the hardness schedule ``q_t = min(1, 0.01 t)``
    (:func:`hardness_q`, ``t`` = epoch from 1). The quality score (Eq. 2, :func:`quality_score`) is the mean
    true-class probability on the training set; each modality keeps the ``W_k`` of its best-scoring epoch, and the
    prior ``W*`` is the ``W_k`` with the highest score.
-2. **RSC** (:class:`ReversibleConsistencyLoss`, :func:`train_modality`). With ``W*`` frozen, every modality
-   trains a fresh encoder: feature mixup in the common space (FA, Eq. 3, :func:`feature_mixup`,
+2. **RSC** (:class:`RSCModel`, :class:`ReversibleConsistencyLoss`, :func:`train_modality`). With ``W*`` frozen,
+   every modality trains a fresh encoder: feature mixup in the common space (FA, Eq. 3, :func:`feature_mixup`,
    ``lambda = 0.9``), class anchors recast through the pseudo-inverse (MRR, Eq. 4, :func:`recast_anchors`,
    ``r_i = y'_i W*^+``), and ``J = J_L + alpha J_D + beta J_MSE`` (Eqs. 5-8, alpha = beta = 0.1). The epoch with
    the lowest validation loss is kept.
+
+Each stage trains one modality with :func:`xmr.train.fit` (:func:`training_config`: Adam with the authors'
+betas, float32, no gradient clipping): the epoch's ``q`` is set by the model's ``on_epoch_start``, a
+:class:`~xmr.category_retrieval.Modality` hands the loader whole batches, and a stage stops once its selection
+score has not improved for ``patience`` epochs, or after ``max_epochs`` (SPL: ``DRCLSettings.spl_patience`` and
+``spl_max_epochs``).
 
 The baselines of the comparison are here too: :func:`train_sdml_modality` (SDML, Hu et al. SIGIR 2019: a fixed
 random orthogonal prior, a label regression loss and an auto-encoder), and CCA in :mod:`xmr.methods.cca`.
 
 Known bugs of the authors' code are kept only as flagged variants (:class:`DRCLSettings`):
 ``literal_q_at_epoch_zero`` (SPL's ``q = 0.01 * epoch`` with the epoch counted from 0: ``q = 0`` and a 0/0 = NaN
-loss in the first epoch) and ``prior_from_last_epoch`` (the code keeps a live reference to ``W``, so the "best"
-prior is the last epoch's, not the best-scoring epoch's).
-
-Why not :func:`xmr.train.fit`: its batches are rows of a per-item ``Dataset`` with an ``"image"`` key, and it
-selects the epoch with the *highest* validation metric. DRCL trains one modality at a time on small in-memory
-tensors (plain index batches, no per-item ``DataLoader`` collation), selects by the *lowest* validation loss in
-RSC and by the highest training-set score in SPL, and changes ``q`` every epoch; :func:`fit_modality` is the
-short loop that does exactly that.
+loss in the first epoch, whose gradient is zero, so that epoch changes nothing) and ``prior_from_last_epoch``
+(the code keeps a live reference to ``W``, so the "best" prior is the last epoch's, not the best-scoring one's).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..metrics import mean_average_precision, precision_recall_curve
-from ..train import check_finite_losses
+from ..category_retrieval import CrossModalData, Modality, map_evaluation, map_table
+from ..results import staged_training, write_result
+from ..train import TrainConfig, TrainResult, encode, fit
 
-# ---------------------------------------------------------------------------------------------------------------
-# Data: one labelled feature matrix per modality and split
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Modality:
-    """The samples of one modality in one split: features (N, D) and class labels (N,). Modalities of a split
-    need not be paired or of equal size."""
-
-    features: torch.Tensor  # (N, D) float32
-    labels: torch.Tensor    # (N,) int64, 0 ... C-1
-
-    def __post_init__(self) -> None:
-        if self.features.dim() != 2 or self.labels.dim() != 1 or len(self.features) != len(self.labels):
-            raise ValueError(f"features (N, D) and labels (N,) disagree: {tuple(self.features.shape)} vs "
-                             f"{tuple(self.labels.shape)}")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@dataclass(frozen=True)
-class CrossModalData:
-    """Train / validation / test samples of every modality, and the number of classes."""
-
-    train: dict[str, Modality]
-    val: dict[str, Modality]
-    test: dict[str, Modality]
-    num_classes: int
-    description: str = ""
-
-    @property
-    def modalities(self) -> list[str]:
-        return list(self.train)
-
-    def sizes(self) -> dict[str, dict[str, int]]:
-        return {name: {"train": len(self.train[name]), "val": len(self.val[name]), "test": len(self.test[name]),
-                       "dim": self.train[name].features.shape[1]} for name in self.modalities}
-
-
-def stratified_split(labels: torch.Tensor, sizes: Mapping[str, float], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Disjoint index sets with the class proportions of ``labels``: ``sizes`` maps a part name to its fraction
-    of every class (the fractions sum to 1; rounding goes to the last part). Seeded, so the split is fixed."""
-    if abs(sum(sizes.values()) - 1.0) > 1e-9:
-        raise ValueError(f"the fractions must sum to 1, got {dict(sizes)}")
-    generator = torch.Generator().manual_seed(seed)
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in sizes}
-    names = list(sizes)
-    for label in torch.unique(labels):
-        members = torch.nonzero(labels == label).squeeze(1)
-        members = members[torch.randperm(len(members), generator=generator)]
-        start = 0
-        for position, name in enumerate(names):
-            count = len(members) - start if position == len(names) - 1 else round(sizes[name] * len(members))
-            parts[name].append(members[start:start + count])
-            start += count
-    return {name: torch.sort(torch.cat(chunks)).values for name, chunks in parts.items()}
-
-
-def standardise(data: CrossModalData) -> CrossModalData:
-    """z-score every feature with the training split's mean and standard deviation (per modality)."""
-    def scaled(split: dict[str, Modality], name: str, mean: torch.Tensor, std: torch.Tensor) -> Modality:
-        return Modality((split[name].features - mean) / std, split[name].labels)
-
-    parts: dict[str, dict[str, Modality]] = {"train": {}, "val": {}, "test": {}}
-    for name in data.modalities:
-        features = data.train[name].features
-        mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
-        for part in parts:
-            parts[part][name] = scaled(getattr(data, part), name, mean, std)
-    return dataclasses.replace(data, **parts)
-
-
-def wikipedia_data(root=None, val_fraction: float = 1 / 3, seed: int = 0, scale: bool = True) -> CrossModalData:
-    """Wikipedia (SIFT 128-d images, LDA 10-d texts): the standard 2173 training pairs; the 693 test pairs split,
-    stratified and seeded, into validation and test as the paper does (231 / 462 at ``val_fraction = 1/3``)."""
-    from ..data import load_wikipedia
-
-    train, test = load_wikipedia("train", root), load_wikipedia("test", root)
-    parts = stratified_split(test.labels, {"val": val_fraction, "test": 1 - val_fraction}, seed)
-    data = CrossModalData(
-        train={view: Modality(train.views[view], train.labels) for view in train.views},
-        val={view: Modality(test.views[view][parts["val"]], test.labels[parts["val"]]) for view in test.views},
-        test={view: Modality(test.views[view][parts["test"]], test.labels[parts["test"]]) for view in test.views},
-        num_classes=len(train.class_names),
-        description=f"Wikipedia SIFT/LDA: 2173 train; the 693 test pairs split {len(parts['val'])} validation / "
-                    f"{len(parts['test'])} test (stratified, seed {seed})",
-    )
-    return standardise(data) if scale else data
-
-
-def uci_mfeat_data(root=None, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2), seed: int = 0,
-                   scale: bool = True) -> CrossModalData:
-    """UCI Multiple Features (6 views of 2000 digits): a seeded stratified train / validation / test split (the
-    dataset has no official split)."""
-    from ..data import load_uci_mfeat
-
-    views = load_uci_mfeat(root)
-    parts = stratified_split(views.labels, dict(zip(("train", "val", "test"), fractions)), seed)
-    data = CrossModalData(
-        **{part: {view: Modality(views.views[view][index], views.labels[index]) for view in views.views}
-           for part, index in parts.items()},
-        num_classes=len(views.class_names),
-        description=f"UCI multiple features, 6 views: seeded stratified split {len(parts['train'])} / "
-                    f"{len(parts['val'])} / {len(parts['test'])} (seed {seed})",
-    )
-    return standardise(data) if scale else data
-
+ADAM_BETAS = (0.5, 0.999)  # the authors' main.py (and SDML's code)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The model and the equations
@@ -296,70 +188,24 @@ class ReversibleConsistencyLoss(nn.Module):
         return {"loss": total, "label": label, "discrimination": discrimination, "mse": mse}
 
 
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Training one modality
+# Training one modality (with xmr.train.fit)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainSettings:
-    """How one modality is optimised (Adam with the authors' betas; the last partial batch is dropped)."""
+def training_config(max_epochs: int = 200, patience: int | None = 10, batch_size: int = 100, lr: float = 5e-4,
+                    seed: int = 0, device: str = "cpu", **changes) -> TrainConfig:
+    """The :class:`xmr.train.TrainConfig` of an encoder-training stage (RSC, SDML), as the authors' loop runs
+    it: float32 and no gradient clipping (Adam's betas come from the models: :data:`ADAM_BETAS`); no progress
+    bars, since a run trains many short stages. Each stage sets its own ``select_by`` and ``select_mode``.
 
-    epochs: int = 200            # paper: 200 (Wikipedia), 300 (XMedia)
-    batch_size: int = 100        # paper: 1024, which leaves no batch for modalities with < 1024 samples
-    lr: float = 5e-4             # paper: per modality (Wikipedia image 6e-6, text 5e-3); SPL 5e-4
-    betas: tuple[float, float] = (0.5, 0.999)
-    seed: int = 0
-    device: str = "cpu"
-
-
-@dataclass
-class FitResult:
-    best_epoch: int
-    best_score: float
-    history: list[dict] = field(default_factory=list)
-    wall_time_s: float = 0.0
-
-
-def fit_modality(model: nn.Module, num_samples: int, batch_losses: Callable[[torch.Tensor, int], dict],
-                 score: Callable[[int], float], settings: TrainSettings, maximise: bool,
-                 generator: torch.Generator) -> FitResult:
-    """Train ``model`` for ``settings.epochs`` epochs of shuffled index batches and restore its best epoch.
-
-    ``batch_losses(indices, epoch)`` returns the named losses of one batch (total under ``"loss"``);
-    ``score(epoch)`` rates the model after each epoch (the lower the better unless ``maximise``).
-    """
-    if num_samples < settings.batch_size:
-        raise ValueError(f"{num_samples} training samples make no batch of {settings.batch_size} (the authors' "
-                         "loop drops the partial batch and would not train at all): lower the batch size")
-    started = time.perf_counter()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
-                                 betas=settings.betas)
-    result, best_state = FitResult(best_epoch=0, best_score=-math.inf if maximise else math.inf), None
-    batches = num_samples // settings.batch_size
-    for epoch in range(1, settings.epochs + 1):
-        model.train()
-        order = torch.randperm(num_samples, generator=generator)
-        sums: dict[str, float] = {}
-        for step in range(batches):
-            losses = batch_losses(order[step * settings.batch_size:(step + 1) * settings.batch_size], epoch)
-            check_finite_losses(losses, epoch, step + 1)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-        model.eval()
-        value = float(score(epoch))
-        row = {"epoch": epoch, **{f"train_{name}": total / batches for name, total in sums.items()}, "score": value}
-        result.history.append(row)
-        if (value > result.best_score) if maximise else (value < result.best_score):
-            result.best_epoch, result.best_score = epoch, value
-            best_state = copy.deepcopy(model.state_dict())
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    result.wall_time_s = time.perf_counter() - started
-    return result
+    ``max_epochs``: paper 200 (Wikipedia), 300 (XMedia), no early stop. ``batch_size``: paper 1024, which leaves no
+    batch for modalities with fewer training samples. ``lr``: paper per modality (Wikipedia image 6e-6, text
+    5e-3)."""
+    return TrainConfig(max_epochs=max_epochs, patience=patience, batch_size=batch_size, lr=lr, seed=seed,
+                       device=device, grad_clip_norm=None, mixed_precision=False, progress=False, **changes)
 
 
 def _encoder(input_dim: int, hidden_dim: int, embed_dim: int, seed: int) -> ModalityEncoder:
@@ -372,16 +218,8 @@ def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(labels, num_classes).float()
 
 
-@torch.no_grad()
-def encode(encoder: nn.Module, features: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Embeddings (N, d) of ``features`` in eval mode, on the encoder's device, returned on the CPU."""
-    device = next(encoder.parameters()).device
-    was_training = encoder.training
-    encoder.eval()
-    out = torch.cat([encoder(features[start:start + batch_size].to(device)).float().cpu()
-                     for start in range(0, len(features), batch_size)])
-    encoder.train(was_training)
-    return out
+def _adam_groups(module: nn.Module) -> list[dict]:
+    return [{"params": [p for p in module.parameters() if p.requires_grad], "betas": ADAM_BETAS}]
 
 
 @dataclass
@@ -402,7 +240,9 @@ class DRCLSettings:
     use_mse_loss: bool = True              # J_MSE
     recast: str = "pinv"                   # "pinv" (Eq. 4) | "transpose" (not in the paper)
     spl_lr: float = 5e-4                   # paper: 5e-4 for every modality
-    literal_q_at_epoch_zero: bool = False  # code bug: SPL's first epoch has q = 0 (NaN loss)
+    spl_max_epochs: int = 200              # SPL's epoch budget; paper: 200 (Wikipedia), 300 (XMedia)
+    spl_patience: int | None = 10          # stop SPL after this many epochs without a better score; paper: never
+    literal_q_at_epoch_zero: bool = False  # code bug: SPL's first epoch has q = 0 (NaN loss, no update)
     prior_from_last_epoch: bool = False    # code bug: the selected W is the last epoch's, not the best epoch's
 
     def __post_init__(self) -> None:
@@ -416,7 +256,6 @@ class DRCLSettings:
 
     def q(self, epoch: int) -> float:
         return hardness_q(epoch, self.q_ramp_epochs, self.fixed_q)
-
 
 
 #: Table V's variants (paper numbers in parentheses; #2-#4 remove the three RSC losses in an order lost in the
@@ -443,43 +282,91 @@ def ablation(settings: DRCLSettings, variant: str) -> tuple[DRCLSettings, str]:
     prior = changes.pop("prior", "learned")
     return dataclasses.replace(settings, **changes), prior
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# SPL: a prior per modality
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SPLModel(nn.Module):
+    """SPL's network for one modality (Eqs. 1-2): an encoder and a trainable ``W_k`` (d x C, from
+    ``initial_prior``), trained with the GCE at the epoch's hardness ``q`` (set by :meth:`on_epoch_start`)."""
+
+    def __init__(self, input_dim: int, initial_prior: torch.Tensor, settings: DRCLSettings, seed: int = 0):
+        super().__init__()
+        self.encoder = _encoder(input_dim, settings.hidden_dim, settings.embed_dim, seed)
+        self.prior = nn.Parameter(initial_prior.detach().clone().float())     # (d, C), trained
+        self.q_ramp_epochs = settings.q_ramp_epochs
+        self.literal_q_at_epoch_zero = settings.literal_q_at_epoch_zero
+        self.on_epoch_start(1)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.q = hardness_q(epoch, self.q_ramp_epochs, literal_epoch_zero=self.literal_q_at_epoch_zero)
+
+    def parameter_groups(self, lr: float) -> list[dict]:
+        return _adam_groups(self)
+
+    def training_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        logits = self.encoder(batch["features"]) @ self.prior                  # (B, C)
+        if not self.literal_q_at_epoch_zero:
+            return {"loss": generalized_cross_entropy(logits, batch["labels"], self.q)}
+        printed_nan = torch.tensor(float(self.q == 0), device=logits.device)
+        if self.q == 0:
+            # The authors' first epoch: (1 - p ** 0) / 0 prints NaN, but its gradient is exactly zero (pow's
+            # backward at exponent 0), so Adam steps without moving anything and training goes on. fit stops on a
+            # NaN loss, so train on the equivalent zero (same zero gradient, same Adam steps) and count the step
+            # in "printed_nan" (the history's train_printed_nan is the share of steps that printed NaN).
+            return {"loss": 0.0 * logits.sum(), "printed_nan": printed_nan}
+        return {"loss": generalized_cross_entropy(logits, batch["labels"], self.q, literal=True),
+                "printed_nan": printed_nan}
+
+    @torch.no_grad()
+    def quality(self, rows: Modality) -> float:
+        """Eq. (2) on ``rows`` (SPL scores the training set)."""
+        device = self.prior.device
+        return quality_score(encode(self.encoder, rows.features, batch_size=1024, device=device),
+                             rows.labels.to(device), self.prior)
+
+
 @dataclass
 class PriorLearning:
-    """SPL on one modality: the kept ``W_k`` (d x C), its quality score and epoch, and the per-epoch scores."""
+    """SPL on one modality: the kept ``W_k`` (d x C, on the CPU) and its training (``best_metrics``: the
+    quality score of the best epoch)."""
 
     prior: torch.Tensor
-    score: float
-    best_epoch: int
-    history: list[dict]
-    wall_time_s: float
+    training: TrainResult
+
+    @property
+    def score(self) -> float:
+        return self.training.best_metrics["quality_score"]
+
+    @property
+    def best_epoch(self) -> int:
+        return self.training.best_epoch
 
 
 def learn_prior(train: Modality, num_classes: int, initial_prior: torch.Tensor, settings: DRCLSettings,
-                training: TrainSettings) -> PriorLearning:
+                training: TrainConfig) -> PriorLearning:
     """SPL on one modality (Eqs. 1-2): train an encoder and ``W_k`` (from ``initial_prior``) with the GCE under
-    the hardness schedule; keep the ``W_k`` of the epoch with the best training-set quality score."""
-    device = torch.device(training.device)
-    encoder = _encoder(train.features.shape[1], settings.hidden_dim, settings.embed_dim, training.seed).to(device)
-    encoder.prior = nn.Parameter(initial_prior.detach().clone().to(device))     # (d, C), trained
-    features, labels = train.features.to(device), train.labels.to(device)
-
-    def batch_losses(index: torch.Tensor, epoch: int) -> dict:
-        q = hardness_q(epoch, settings.q_ramp_epochs, literal_epoch_zero=settings.literal_q_at_epoch_zero)
-        logits = encoder(features[index]) @ encoder.prior                       # (B, C)
-        return {"loss": generalized_cross_entropy(logits, labels[index], q, literal=settings.literal_q_at_epoch_zero)}
-
+    the hardness schedule, at ``settings.spl_lr`` for at most ``settings.spl_max_epochs`` epochs, stopping after
+    ``settings.spl_patience`` epochs without a better training-set quality score; keep the ``W_k`` of the
+    best-scoring epoch (the last epoch's with ``prior_from_last_epoch``). ``training`` gives the batch size, seed
+    and device."""
+    if initial_prior.shape[1] != num_classes:
+        raise ValueError(f"the initial prior has {initial_prior.shape[1]} columns for {num_classes} classes")
+    model = SPLModel(train.features.shape[1], initial_prior, settings, training.seed)
+    config = dataclasses.replace(training, lr=settings.spl_lr, max_epochs=settings.spl_max_epochs,
+                                 patience=settings.spl_patience, select_by="quality_score", select_mode="max")
     last: dict[str, torch.Tensor] = {}
 
-    def score(epoch: int) -> float:
-        last["prior"] = encoder.prior.detach().cpu().clone()
-        return quality_score(encode(encoder, features), labels.cpu(), last["prior"])
+    def validate(model: SPLModel) -> dict[str, float]:
+        last["prior"] = model.prior.detach().cpu().clone()
+        return {"quality_score": model.quality(train)}
 
-    generator = torch.Generator().manual_seed(training.seed)
-    fitted = fit_modality(encoder, len(train), batch_losses, score, dataclasses.replace(training, lr=settings.spl_lr),
-                          maximise=True, generator=generator)
-    # the best epoch's W (restored with the encoder), or, as the authors' live reference does, the last epoch's
-    prior = last["prior"] if settings.prior_from_last_epoch else encoder.prior.detach().cpu().clone()
-    return PriorLearning(prior, fitted.best_score, fitted.best_epoch, fitted.history, fitted.wall_time_s)
+    result = fit(model, train, config, validate)
+    # fit restored the best epoch's W; the authors' live reference ends with the last epoch's
+    prior = last["prior"] if settings.prior_from_last_epoch else model.prior.detach().cpu().clone()
+    return PriorLearning(prior, result)
 
 
 def select_prior(priors: Mapping[str, PriorLearning]) -> str:
@@ -487,45 +374,76 @@ def select_prior(priors: Mapping[str, PriorLearning]) -> str:
     return max(priors, key=lambda name: priors[name].score)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# RSC: an encoder per modality against the frozen prior
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RSCModel(nn.Module):
+    """RSC's network for one modality (Eqs. 3-8): a fresh encoder trained against the frozen prior ``W*`` with the
+    settings' augmentation (FA, the input mixup of Table V #11, or none) and ``J`` of
+    :class:`ReversibleConsistencyLoss` at the epoch's ``q`` (set by :meth:`on_epoch_start`)."""
+
+    def __init__(self, input_dim: int, prior: torch.Tensor, settings: DRCLSettings, seed: int = 0):
+        super().__init__()
+        self.encoder = _encoder(input_dim, settings.hidden_dim, settings.embed_dim, seed)
+        self.objective = settings.loss(prior)
+        self.num_classes = prior.shape[1]
+        self.augmentation, self.mix_lambda = settings.augmentation, settings.mix_lambda
+        self.schedule = settings.q                                              # epoch -> q (Eq. 7)
+        self.on_epoch_start(1)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.q = self.schedule(epoch)
+
+    def parameter_groups(self, lr: float) -> list[dict]:
+        return _adam_groups(self)
+
+    def training_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        inputs, targets = batch["features"], _one_hot(batch["labels"], self.num_classes)   # (B, D), (B, C)
+        if self.augmentation == "input":                                       # Table V #11: mixup of inputs
+            inputs, targets, _ = feature_mixup(inputs, targets, self.mix_lambda)
+        embeddings = self.encoder(inputs)                                       # (B, d)
+        if self.augmentation == "embedding":                                   # FA, Eq. (3)
+            embeddings, targets, _ = feature_mixup(embeddings, targets, self.mix_lambda)
+        return self.objective(embeddings, targets, self.q)
+
+    @torch.no_grad()
+    def validation_loss(self, rows: Modality) -> float:
+        """``J`` on ``rows`` without augmentation, at the epoch's ``q`` (as the authors' code)."""
+        device = self.objective.prior.device
+        embeddings = encode(self.encoder, rows.features, batch_size=1024, device=device)
+        return float(self.objective(embeddings, _one_hot(rows.labels, self.num_classes).to(device), self.q)["loss"])
+
+
 @dataclass
 class ModalityTraining:
-    """One modality's trained encoder (restored to its selected epoch) and its training record."""
+    """One modality's trained encoder (restored to its selected epoch) and its training (``best_metrics``: the
+    validation ``loss`` of that epoch)."""
 
     encoder: nn.Module
-    best_epoch: int
-    best_validation_loss: float
-    history: list[dict]
-    wall_time_s: float
+    training: TrainResult
+
+    @property
+    def best_epoch(self) -> int:
+        return self.training.best_epoch
+
+    @property
+    def best_validation_loss(self) -> float:
+        return self.training.best_metrics["loss"]
 
 
 def train_modality(train: Modality, val: Modality, num_classes: int, prior: torch.Tensor, settings: DRCLSettings,
-                   training: TrainSettings) -> ModalityTraining:
+                   training: TrainConfig) -> ModalityTraining:
     """RSC on one modality (Eqs. 3-8): a fresh encoder trained against the frozen prior; the epoch with the lowest
-    validation loss (no augmentation, the epoch's ``q``, as the authors' code) is kept."""
-    device = torch.device(training.device)
-    encoder = _encoder(train.features.shape[1], settings.hidden_dim, settings.embed_dim, training.seed).to(device)
-    objective = settings.loss(prior).to(device)
-    features, targets = train.features.to(device), _one_hot(train.labels, num_classes).to(device)
-    val_features, val_targets = val.features.to(device), _one_hot(val.labels, num_classes).to(device)
-    generator = torch.Generator().manual_seed(training.seed)
-    mixing = torch.Generator().manual_seed(training.seed + 1)
-
-    def batch_losses(index: torch.Tensor, epoch: int) -> dict:
-        inputs, labels = features[index], targets[index]                         # (B, D), (B, C)
-        if settings.augmentation == "input":                                    # Table V #11: mixup of inputs
-            inputs, labels, _ = feature_mixup(inputs, labels, settings.mix_lambda, mixing)
-        embeddings = encoder(inputs)                                             # (B, d)
-        if settings.augmentation == "embedding":                                # FA, Eq. (3)
-            embeddings, labels, _ = feature_mixup(embeddings, labels, settings.mix_lambda, mixing)
-        return objective(embeddings, labels, settings.q(epoch))
-
-    @torch.no_grad()
-    def validation_loss(epoch: int) -> float:
-        return float(objective(encoder(val_features), val_targets, settings.q(epoch))["loss"])
-
-    fitted = fit_modality(encoder, len(train), batch_losses, validation_loss, training, maximise=False,
-                          generator=generator)
-    return ModalityTraining(encoder, fitted.best_epoch, fitted.best_score, fitted.history, fitted.wall_time_s)
+    validation loss (no augmentation, the epoch's ``q``, as the authors' code) is kept, and training stops after
+    ``training.patience`` epochs without a lower one."""
+    if prior.shape[1] != num_classes:
+        raise ValueError(f"the prior has {prior.shape[1]} columns for {num_classes} classes")
+    model = RSCModel(train.features.shape[1], prior, settings, training.seed)
+    config = dataclasses.replace(training, select_by="loss", select_mode="min")
+    result = fit(model, train, config, lambda model: {"loss": model.validation_loss(val)})
+    return ModalityTraining(model.encoder, result)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -534,17 +452,35 @@ def train_modality(train: Modality, val: Modality, num_classes: int, prior: torc
 
 
 class SDMLModel(nn.Module):
-    """SDML's per-modality network (Hu et al., SIGIR 2019): an encoder into the predefined common space and a
-    decoder back to the input. Same encoder as DRCL (the SDML code uses 1024 hidden units and a biased last
-    layer); the decoder mirrors it without the normalisation (SDML's code normalises its reconstruction too)."""
+    """SDML's per-modality network (Hu et al., SIGIR 2019): an encoder into the predefined common space of the
+    fixed ``prior`` (d x C) and a decoder back to the input. Same encoder as DRCL (the SDML code uses 1024 hidden
+    units and a biased last layer); the decoder mirrors it without the normalisation (SDML's code normalises its
+    reconstruction too)."""
 
-    def __init__(self, input_dim: int, hidden_dim: int, embed_dim: int, seed: int = 0):
+    def __init__(self, input_dim: int, hidden_dim: int, embed_dim: int, prior: torch.Tensor, seed: int = 0,
+                 reconstruction_weight: float = 0.5):
         super().__init__()
         self.encoder = _encoder(input_dim, hidden_dim, embed_dim, seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             self.decoder = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim),
                                          nn.ReLU(), nn.Linear(hidden_dim, input_dim))
+        self.register_buffer("prior", prior.detach().float())                  # (d, C), fixed
+        self.reconstruction_weight = reconstruction_weight
+
+    def parameter_groups(self, lr: float) -> list[dict]:
+        return _adam_groups(self)
+
+    def training_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        targets = _one_hot(batch["labels"], self.prior.shape[1])               # (B, C)
+        return sdml_losses(self, batch["features"], targets, self.prior, self.reconstruction_weight)
+
+    @torch.no_grad()
+    def validation_loss(self, rows: Modality) -> float:
+        """The label term ``mean_i ||z_i W - y_i||_2`` on ``rows`` (SDML's code selects by it)."""
+        embeddings = encode(self.encoder, rows.features, batch_size=1024, device=self.prior.device)
+        targets = _one_hot(rows.labels, self.prior.shape[1]).to(self.prior.device)
+        return float((embeddings @ self.prior - targets).norm(dim=1).mean())
 
 
 def sdml_losses(model: SDMLModel, inputs: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor,
@@ -570,30 +506,22 @@ def rescale_to_unit_anchors(prior: torch.Tensor) -> torch.Tensor:
     return prior * torch.linalg.pinv(prior.double()).norm(dim=1).mean().to(prior.dtype)
 
 
+
+
 def train_sdml_modality(train: Modality, val: Modality, num_classes: int, prior: torch.Tensor, hidden_dim: int,
-                        embed_dim: int, training: TrainSettings, reconstruction_weight: float = 0.5) -> ModalityTraining:
+                        embed_dim: int, training: TrainConfig, reconstruction_weight: float = 0.5) -> ModalityTraining:
     """SDML-style training of one modality against a fixed prior; the epoch with the lowest validation label loss
     is kept (as SDML's code). ``prior`` is a random orthogonal matrix (SDML) or a learned one (Table VI)."""
-    device = torch.device(training.device)
-    model = SDMLModel(train.features.shape[1], hidden_dim, embed_dim, training.seed).to(device)
-    prior = prior.detach().float().to(device)
-    features, targets = train.features.to(device), _one_hot(train.labels, num_classes).to(device)
-    val_features, val_targets = val.features.to(device), _one_hot(val.labels, num_classes).to(device)
-
-    def batch_losses(index: torch.Tensor, epoch: int) -> dict:
-        return sdml_losses(model, features[index], targets[index], prior, reconstruction_weight)
-
-    @torch.no_grad()
-    def validation_loss(epoch: int) -> float:
-        return float((model.encoder(val_features) @ prior - val_targets).norm(dim=1).mean())
-
-    fitted = fit_modality(model, len(train), batch_losses, validation_loss, training, maximise=False,
-                          generator=torch.Generator().manual_seed(training.seed))
-    return ModalityTraining(model.encoder, fitted.best_epoch, fitted.best_score, fitted.history, fitted.wall_time_s)
+    if prior.shape[1] != num_classes:
+        raise ValueError(f"the prior has {prior.shape[1]} columns for {num_classes} classes")
+    model = SDMLModel(train.features.shape[1], hidden_dim, embed_dim, prior, training.seed, reconstruction_weight)
+    config = dataclasses.replace(training, select_by="loss", select_mode="min")
+    result = fit(model, train, config, lambda model: {"loss": model.validation_loss(val)})
+    return ModalityTraining(model.encoder, result)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Whole runs over every modality, and their evaluation
+# Whole runs over every modality
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -603,7 +531,8 @@ def _learning_rate(lr: float | Mapping[str, float], modality: str) -> float:
 
 @dataclass
 class CrossModalRun:
-    """A trained method on every modality: encoders, the prior used, and (for DRCL) SPL's record."""
+    """A trained method on every modality: encoders, the prior used, and (for DRCL with SPL's prior) SPL's
+    record of every modality."""
 
     method: str
     encoders: dict[str, ModalityTraining]
@@ -612,13 +541,21 @@ class CrossModalRun:
     priors: dict[str, PriorLearning] = field(default_factory=dict)
     wall_time_s: float = 0.0
 
+    @property
+    def device(self) -> torch.device:
+        return next(next(iter(self.encoders.values())).encoder.parameters()).device
+
     def embed(self, split: Mapping[str, Modality]) -> dict[str, Modality]:
-        """Common-space features of every modality of a split (labels kept)."""
-        return {name: Modality(encode(self.encoders[name].encoder, split[name].features), split[name].labels)
-                for name in self.encoders}
+        """Common-space features (on the CPU) of every modality of a split (labels kept)."""
+        embedded = {}
+        for name, trained in self.encoders.items():
+            device = next(trained.encoder.parameters()).device
+            features = encode(trained.encoder, split[name].features, batch_size=1024, device=device)  # (N, d)
+            embedded[name] = Modality(features.cpu(), split[name].labels)
+        return embedded
 
 
-def learn_priors(data: CrossModalData, settings: DRCLSettings, training: TrainSettings,
+def learn_priors(data: CrossModalData, settings: DRCLSettings, training: TrainConfig,
                  initial_seed: int | None = None) -> dict[str, PriorLearning]:
     """SPL on every modality, all from the same random orthogonal initial W."""
     initial = random_orthogonal_prior(settings.embed_dim, data.num_classes,
@@ -627,7 +564,7 @@ def learn_priors(data: CrossModalData, settings: DRCLSettings, training: TrainSe
             for name in data.modalities}
 
 
-def run_drcl(data: CrossModalData, settings: DRCLSettings, training: TrainSettings,
+def run_drcl(data: CrossModalData, settings: DRCLSettings, training: TrainConfig,
              lr: float | Mapping[str, float] | None = None, priors: Mapping[str, PriorLearning] | None = None,
              prior: str | torch.Tensor = "learned") -> CrossModalRun:
     """DRCL end to end: SPL (unless ``priors`` are given, e.g. shared between ablations of one seed), then RSC on
@@ -635,28 +572,28 @@ def run_drcl(data: CrossModalData, settings: DRCLSettings, training: TrainSettin
 
     ``prior``: ``"learned"`` (SPL's selection), ``"random"`` (Table V #1: the random orthogonal W, no SPL), a
     modality name (Fig. 3c: that modality's learned prior) or a (d, C) tensor. ``lr`` is RSC's learning rate, one
-    for all modalities or per modality (default ``training.lr``).
+    for all modalities or per modality (default ``training.lr``). The run keeps SPL's records only when it uses
+    SPL's prior.
     """
     started = time.perf_counter()
-    priors = dict(priors) if priors is not None else {}
     if isinstance(prior, torch.Tensor):
-        chosen, source = prior, "given"
+        chosen, source, used = prior, "given", {}
     elif prior == "random":
-        chosen, source = random_orthogonal_prior(settings.embed_dim, data.num_classes, training.seed), "random"
+        chosen = random_orthogonal_prior(settings.embed_dim, data.num_classes, training.seed)
+        source, used = "random", {}
     else:
-        if not priors:
-            priors = learn_priors(data, settings, training)
-        source = select_prior(priors) if prior == "learned" else prior
-        chosen = priors[source].prior
+        used = dict(priors) if priors else learn_priors(data, settings, training)
+        source = select_prior(used) if prior == "learned" else prior
+        chosen = used[source].prior
     encoders = {}
     for name in data.modalities:
-        modality_training = dataclasses.replace(training, lr=_learning_rate(lr if lr is not None else training.lr, name))
+        modality_training = dataclasses.replace(training, lr=_learning_rate(training.lr if lr is None else lr, name))
         encoders[name] = train_modality(data.train[name], data.val[name], data.num_classes, chosen, settings,
                                         modality_training)
-    return CrossModalRun("drcl", encoders, chosen, source, priors, time.perf_counter() - started)
+    return CrossModalRun("drcl", encoders, chosen, source, used, time.perf_counter() - started)
 
 
-def run_sdml(data: CrossModalData, hidden_dim: int, embed_dim: int, training: TrainSettings,
+def run_sdml(data: CrossModalData, hidden_dim: int, embed_dim: int, training: TrainConfig,
              prior: torch.Tensor | None = None, lr: float | Mapping[str, float] | None = None,
              reconstruction_weight: float = 0.5) -> CrossModalRun:
     """The SDML-style baseline on every modality: a fixed random orthogonal prior, or ``prior`` (Table VI)."""
@@ -666,77 +603,55 @@ def run_sdml(data: CrossModalData, hidden_dim: int, embed_dim: int, training: Tr
         prior = random_orthogonal_prior(embed_dim, data.num_classes, training.seed)
     encoders = {}
     for name in data.modalities:
-        modality_training = dataclasses.replace(training, lr=_learning_rate(lr if lr is not None else training.lr, name))
+        modality_training = dataclasses.replace(training, lr=_learning_rate(training.lr if lr is None else lr, name))
         encoders[name] = train_sdml_modality(data.train[name], data.val[name], data.num_classes, prior, hidden_dim,
                                              embed_dim, modality_training, reconstruction_weight)
     return CrossModalRun("sdml", encoders, prior, source, {}, time.perf_counter() - started)
 
 
-def cross_modal_map(features: Mapping[str, Modality], k: int | None = None) -> dict[tuple[str, str], float]:
-    """MAP@k (MAP@all for ``k=None``) of every ordered modality pair (query modality, gallery modality)."""
-    return {(query, gallery): mean_average_precision(features[query].features, features[query].labels,
-                                                     features[gallery].features, features[gallery].labels, k=k)
-            for query in features for gallery in features if query != gallery}
-
-
-def map_table(features: Mapping[str, Modality], ks: tuple[int | None, ...] = (None, 50)) -> dict[str, float]:
-    """Flat metrics of a run: ``map_all_<query>2<gallery>``, ``map_50_...`` for every ordered pair and their
-    averages ``map_all_avg``, ``map_50_avg`` (the paper's "Avg": the mean over ordered pairs)."""
-    metrics: dict[str, float] = {}
-    for k in ks:
-        tag = "all" if k is None else str(k)
-        pairs = cross_modal_map(features, k)
-        metrics.update({f"map_{tag}_{query}2{gallery}": value for (query, gallery), value in pairs.items()})
-        metrics[f"map_{tag}_avg"] = sum(pairs.values()) / len(pairs)
-    return metrics
-
-
-def pr_curves(features: Mapping[str, Modality], num_points: int = 11) -> dict[str, list[float]]:
-    """Interpolated precision-recall curves (Fig. 2) of every ordered pair, keyed ``<query>2<gallery>``."""
-    curves = {}
-    for query in features:
-        for gallery in features:
-            if query != gallery:
-                _, precision = precision_recall_curve(features[query].features, features[query].labels,
-                                                      features[gallery].features, features[gallery].labels,
-                                                      num_points)
-                curves[f"{query}2{gallery}"] = precision.tolist()
-    return curves
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# What a run leaves behind: metrics, per-epoch history, a result file
+# What a run leaves behind: metrics, per-query APs, the training record, a result file
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def run_metrics(run: CrossModalRun, data: CrossModalData) -> dict[str, float]:
-    """Test MAP@all / MAP@50 of every ordered pair and their averages, the validation MAP@all average, each
-    modality's selected epoch and (for DRCL) each modality's SPL quality score."""
-    metrics = map_table(run.embed(data.test))
-    metrics["val_map_all_avg"] = map_table(run.embed(data.val), ks=(None,))["map_all_avg"]
-    metrics.update({f"best_epoch_{name}": trained.best_epoch for name, trained in run.encoders.items()})
-    metrics.update({f"quality_score_{name}": record.score for name, record in run.priors.items()})
-    return metrics
 
 
 def run_history(run: CrossModalRun) -> list[dict]:
-    """One row per modality, stage and epoch: ``stage`` is ``"spl"`` (score = training-set quality score) or the
-    method's training (score = validation loss)."""
-    rows = [{"stage": "spl", "modality": name, **row} for name, record in run.priors.items() for row in record.history]
-    rows += [{"stage": run.method, "modality": name, **row} for name, trained in run.encoders.items()
-             for row in trained.history]
+    """One row per stage, modality and epoch (:attr:`xmr.train.TrainResult.history`): ``stage`` is ``"prior"``
+    (SPL; its ``val_quality_score`` is Eq. 2 on the training split) or ``"encoder"`` (RSC or SDML; ``val_loss``)."""
+    rows = [{"stage": "prior", "modality": name, **row} for name, learned in run.priors.items()
+            for row in learned.training.history]
+    rows += [{"stage": "encoder", "modality": name, **row} for name, trained in run.encoders.items()
+             for row in trained.training.history]
     return rows
 
 
-def record_run(results_dir, run_name: str, run: CrossModalRun, data: CrossModalData, dataset: str,
-               parameters: Mapping, metrics: Mapping | None = None) -> dict:
-    """Write ``<results_dir>/drcl2024/<run_name>.json`` for a trained run and return its metrics."""
-    from ..results import write_result
+def run_result_fields(run: CrossModalRun, data: CrossModalData) -> dict:
+    """What a result file holds of a run: the ``metrics``, ``per_query``, ``training``, ``history`` and ``extra``
+    arguments of :func:`xmr.results.write_result`.
 
-    metrics = dict(metrics) if metrics is not None else run_metrics(run, data)
+    - ``metrics``: test MAP@all / MAP@50 of every ordered pair and their averages
+      (:func:`xmr.category_retrieval.map_evaluation`), and the validation MAP@all average ``val_map_all_avg``;
+    - ``per_query``: the per-query APs behind the test MAPs;
+    - ``training``: one stage per step and modality, ``prior_<modality>`` (SPL) and ``encoder_<modality>``, each
+      a :meth:`xmr.train.TrainResult.record` (budget, epochs run, best epoch, plateau or budget);
+    - ``history``: :func:`run_history`;
+    - ``extra``: the method, the prior's source, SPL's quality scores, the data's description and sizes.
+    """
+    metrics, per_query = map_evaluation(run.embed(data.test), paired=data.paired)
+    metrics["val_map_all_avg"] = map_table(run.embed(data.val), ks=(None,))["map_all_avg"]
+    stages = {f"prior_{name}": learned.training.record() for name, learned in run.priors.items()}
+    stages.update({f"encoder_{name}": trained.training.record() for name, trained in run.encoders.items()})
+    extra = {"method": run.method, "prior_source": run.prior_source,
+             "quality_scores": {name: learned.score for name, learned in run.priors.items()},
+             "data": data.description, "sizes": data.sizes()}
+    return {"metrics": metrics, "per_query": per_query, "training": staged_training(stages),
+            "history": run_history(run), "extra": extra}
+
+
+def record_run(results_dir, run_name: str, run: CrossModalRun, data: CrossModalData, dataset: str,
+               parameters: Mapping) -> dict[str, float]:
+    """Write ``<results_dir>/drcl2024/<run_name>.json`` (schema version 2, :func:`run_result_fields`) for a trained
+    run and return its metrics."""
+    fields = run_result_fields(run, data)
     write_result(results_dir, "drcl2024", run_name, parameters=dict(parameters), dataset=dataset, split="test",
-                 metrics=metrics, history=run_history(run), wall_time_s=run.wall_time_s,
-                 device=next(iter(run.encoders.values())).encoder.representation.weight.device,
-                 extra={"method": run.method, "prior_source": run.prior_source, "data": data.description,
-                        "sizes": data.sizes()})
-    return metrics
+                 device=run.device, **fields)
+    return fields["metrics"]
