@@ -38,6 +38,7 @@ on the DRCL Wikipedia features the two orders differ by 3e-5 in MAP.) Then, for 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +120,8 @@ def _summarise_ranks(ranks: torch.Tensor, prefix: str) -> dict[str, float]:
 
 def metrics_from_ranks(i2t_ranks: torch.Tensor, t2i_ranks: torch.Tensor) -> dict[str, float]:
     """R@1/5/10, MedR, MeanR per direction and rsum from the 0-based ranks of :func:`retrieval_ranks`."""
-    metrics = {**_summarise_ranks(torch.as_tensor(i2t_ranks), "i2t"), **_summarise_ranks(torch.as_tensor(t2i_ranks), "t2i")}
+    metrics = {**_summarise_ranks(torch.as_tensor(i2t_ranks), "i2t"),
+               **_summarise_ranks(torch.as_tensor(t2i_ranks), "t2i")}
     metrics["rsum"] = sum(metrics[key] for key in RECALL_KEYS)
     return {key: metrics[key] for key in RETRIEVAL_KEYS}
 
@@ -275,3 +277,295 @@ def precision_recall_curve(query: torch.Tensor, query_labels: torch.Tensor, gall
         raise ValueError("no query has a relevant gallery item: the precision-recall curve is undefined")
     return levels.to(torch.float64) / (num_points - 1), (totals / count).cpu()
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Human relevance judgements beyond the paired captions (Flickr8k's expert and crowd annotations)
+# ---------------------------------------------------------------------------------------------------------------
+# Hodosh, Young & Hockenmaier (2013, JAIR 47) judged test image-caption pairs beyond the five paired captions
+# (xmr.data.relevance). ``judgements`` below is any object with ``image_index`` and ``caption_index`` ((P,) int64
+# into the split's images and image-major captions), ``relevance`` ((P,) graded score: the mean expert score, or
+# the crowd's yes proportion), ``is_relevant(threshold)`` ((P,) bool; None = the judgements' default threshold:
+# expert mean >= 3, crowd yes proportion > 0.5), ``num_images`` and ``captions_per_image``. Ties in ``sims`` are
+# ranked pessimistically, as in :func:`retrieval_ranks`.
+
+
+HUMAN_RELEVANCE_SOURCES = ("expert", "crowd")
+
+
+def _check_judgements(sims: torch.Tensor, judgements, captions_per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The judged pairs' ``(image_index, caption_index)`` on ``sims``' device, checked to fit ``sims``."""
+    _check_sims(sims, captions_per_image)
+    n_images = sims.shape[0]
+    if judgements.num_images != n_images or judgements.captions_per_image != captions_per_image:
+        raise ValueError(f"judgements of {judgements.num_images} images x {judgements.captions_per_image} captions "
+                         f"do not fit sims of shape {tuple(sims.shape)} with {captions_per_image} captions per image: "
+                         f"pass the similarity matrix of the whole split the judgements were loaded for")
+    pairs = torch.stack([torch.as_tensor(judgements.image_index), torch.as_tensor(judgements.caption_index)], 1)
+    pairs = _check_pairs(pairs, sims.shape, "judgements")
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _check_pairs(pairs, shape: tuple[int, int], name: str) -> torch.Tensor:
+    pairs = torch.as_tensor(pairs)
+    if pairs.numel() == 0:
+        return torch.zeros(0, 2, dtype=torch.int64)
+    if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.is_floating_point() or pairs.is_complex() \
+            or pairs.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer (E, 2) array of (image index, caption index), got dtype "
+                         f"{pairs.dtype} and shape {tuple(pairs.shape)}")
+    pairs = pairs.to(torch.int64)
+    for column, (what, size) in enumerate(zip(("image", "caption"), shape)):
+        if bool(((pairs[:, column] < 0) | (pairs[:, column] >= size)).any()):
+            raise ValueError(f"{name} holds {what} indices outside 0..{size - 1}")
+    return pairs
+
+
+def _finite_block(block: torch.Tensor) -> torch.Tensor:
+    """A block of ``sims`` checked for NaN/infinity, in a dtype that ``-inf`` fills and ``searchsorted`` accept."""
+    if not bool(torch.isfinite(block).all()):
+        raise ValueError("sims holds NaN or infinite values; ranks would be meaningless")
+    if not block.is_floating_point():
+        return block.to(torch.float64)
+    return block.float() if block.dtype in (torch.float16, torch.bfloat16) else block
+
+
+def judged_kendall_tau(sims: torch.Tensor, judgements, captions_per_image: int = 5,
+                       chunk_size: int = 1024) -> torch.Tensor:
+    """Kendall's tau-b, per image query, between the model's similarities and the human graded relevance
+    (``judgements.relevance``: the mean expert score) over that image's judged captions.
+
+    Hodosh et al. (2013) measure how well automatic scores agree with their expert judgements with Kendall's tau;
+    here the automatic score is the model's similarity and tau is taken within each image query (what a
+    retrieval model has to order), then averaged. Returns a float64 tensor of length N_images on ``sims``' device:
+    NaN for an image with fewer than 2 judged captions or with the same human score on all of them (tau-b is
+    undefined there), so the mean is over a subset of queries that depends on the judgements only (use
+    ``nanmean``). Where the model gives all of an image's judged captions the same score, tau-b's denominator is 0
+    too; such a query counts as 0 (no agreement) rather than being dropped, so that every model is averaged over
+    the same queries and a constant model scores 0. Elsewhere the value equals
+    ``scipy.stats.kendalltau(model, human, variant="b")``.
+    """
+    image_index, caption_index = _check_judgements(sims, judgements, captions_per_image)
+    _check_positive_int(chunk_size, "chunk_size")
+    n_images, device = sims.shape[0], sims.device
+    tau = torch.full((n_images,), float("nan"), dtype=torch.float64, device=device)
+    if image_index.numel() == 0:
+        return tau
+    human = torch.as_tensor(judgements.relevance).to(device=device, dtype=torch.float64)
+    image_index, caption_index = image_index.to(device), caption_index.to(device)
+    order = torch.sort(image_index, stable=True).indices
+    image_index, caption_index, human = image_index[order], caption_index[order], human[order]
+    counts = torch.bincount(image_index, minlength=n_images)                               # (N_images,)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(image_index.numel(), device=device) - starts[image_index]          # position in its image
+    width = int(counts.max())
+    model = _finite_block(sims[image_index, caption_index]).to(torch.float64)
+    padded_model = torch.zeros(n_images, width, dtype=torch.float64, device=device)
+    padded_human = torch.zeros(n_images, width, dtype=torch.float64, device=device)
+    judged = torch.zeros(n_images, width, dtype=torch.bool, device=device)
+    padded_model[image_index, slot], padded_human[image_index, slot] = model, human
+    judged[image_index, slot] = True
+
+    def signs(values: torch.Tensor) -> torch.Tensor:                                       # (c, M) -> (c, M, M)
+        return ((values[:, :, None] > values[:, None, :]).to(torch.int8)
+                - (values[:, :, None] < values[:, None, :]).to(torch.int8))
+
+    rows_per_chunk = max(1, min(chunk_size, (1 << 20) // (width * width)))
+    for start in range(0, n_images, rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        both = (judged[rows, :, None] & judged[rows, None, :]).to(torch.int8)              # (c, M, M)
+        model_signs, human_signs = signs(padded_model[rows]) * both, signs(padded_human[rows]) * both
+        # every unordered pair is counted twice, in numerator and denominator alike
+        concordance = (model_signs * human_signs).sum(dim=(1, 2)).to(torch.float64)      # 2 (C - D)
+        model_untied = (model_signs != 0).sum(dim=(1, 2)).to(torch.float64)              # 2 (n0 - n1)
+        human_untied = (human_signs != 0).sum(dim=(1, 2)).to(torch.float64)              # 2 (n0 - n2)
+        value = concordance / torch.sqrt(model_untied * human_untied).clamp(min=1.0)
+        tau[rows] = torch.where(human_untied > 0, value, torch.full_like(value, float("nan")))
+    return tau
+
+
+def _ranks_among_positives(block: torch.Tensor, positive: torch.Tensor,
+                           with_r_precision: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row of ``block`` (c, G) with a boolean ``positive`` mask (at least one per row): the pessimistic 0-based
+    rank of the best positive and, if asked, the R-precision (float64)."""
+    best = block.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)          # (c, 1)
+    ranks = ((block >= best) & ~positive).sum(dim=1)                                       # (c,)
+    if not with_r_precision:
+        return ranks, None
+    # Pessimistic order: by descending score, negatives before positives of equal score. The k-th best positive
+    # (0-based) then sits at position k + (#negatives scoring >= it), and the top R holds those with position < R.
+    n_positive = positive.sum(dim=1)                                                       # (c,) = R
+    negatives = torch.sort(block.masked_fill(positive, float("-inf")), dim=1).values       # (c, G) ascending
+    positives = torch.topk(block.masked_fill(~positive, float("-inf")), int(n_positive.max()),
+                           dim=1).values                                                   # (c, R_max) descending
+    negatives_at_or_above = block.shape[1] - torch.searchsorted(negatives, positives.contiguous(), side="left")
+    k = torch.arange(positives.shape[1], device=block.device)
+    hits = ((k + negatives_at_or_above < n_positive[:, None]) & (k < n_positive[:, None])).sum(dim=1)
+    return ranks, hits.to(torch.float64) / n_positive.to(torch.float64)
+
+
+def _extended_statistics(sims: torch.Tensor, extra_positives, captions_per_image: int, chunk_size: int,
+                         with_r_precision: bool):
+    _check_sims(sims, captions_per_image)
+    _check_positive_int(chunk_size, "chunk_size")
+    n_images, n_captions = sims.shape
+    device = sims.device
+    extra = _check_pairs(extra_positives, (n_images, n_captions), "extra_positives").to(device)
+    i2t_ranks = torch.empty(n_images, dtype=torch.int64, device=device)
+    t2i_ranks = torch.empty(n_captions, dtype=torch.int64, device=device)
+    i2t_precision = torch.empty(n_images, dtype=torch.float64, device=device)
+    t2i_precision = torch.empty(n_captions, dtype=torch.float64, device=device)
+    offsets = torch.arange(captions_per_image, device=device)
+    for start in range(0, n_images, chunk_size):                                  # image queries, captions ranked
+        block = _finite_block(sims[start:start + chunk_size])                               # (c, N_captions)
+        rows = torch.arange(block.shape[0], device=device)
+        positive = torch.zeros(block.shape, dtype=torch.bool, device=device)
+        positive[rows[:, None], (start + rows)[:, None] * captions_per_image + offsets] = True
+        inside = (extra[:, 0] >= start) & (extra[:, 0] < start + block.shape[0])
+        positive[extra[inside, 0] - start, extra[inside, 1]] = True
+        ranks, precision = _ranks_among_positives(block, positive, with_r_precision)
+        i2t_ranks[start:start + block.shape[0]] = ranks
+        if with_r_precision:
+            i2t_precision[start:start + block.shape[0]] = precision
+    for start in range(0, n_captions, chunk_size):                                # caption queries, images ranked
+        block = _finite_block(sims[:, start:start + chunk_size].T.contiguous())             # (c, N_images)
+        rows = torch.arange(block.shape[0], device=device)
+        positive = torch.zeros(block.shape, dtype=torch.bool, device=device)
+        positive[rows, (start + rows) // captions_per_image] = True
+        inside = (extra[:, 1] >= start) & (extra[:, 1] < start + block.shape[0])
+        positive[extra[inside, 1] - start, extra[inside, 0]] = True
+        ranks, precision = _ranks_among_positives(block, positive, with_r_precision)
+        t2i_ranks[start:start + block.shape[0]] = ranks
+        if with_r_precision:
+            t2i_precision[start:start + block.shape[0]] = precision
+    return i2t_ranks, t2i_ranks, i2t_precision, t2i_precision
+
+
+def extended_ranks(sims: torch.Tensor, extra_positives, captions_per_image: int = 5,
+                   chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based ranks with extra positives: :func:`retrieval_ranks` where a query's ground truth also holds the
+    pairs of ``extra_positives`` ((E, 2) integer ``(image index, caption index)``, e.g. the pairs humans judged
+    relevant: ``judgements.relevant_pairs()``).
+
+    i2t: an image's rank is that of its best-ranked positive among its own captions and the extra captions judged
+    relevant to it. t2i: a caption's rank is that of its best-ranked positive among its own image and the images
+    it was judged relevant to. Ties are pessimistic (non-positives scoring >= the best positive are counted, other
+    positives never are), so with no extra pair this is exactly :func:`retrieval_ranks`, and R@K with extended
+    positives is ``100 * mean(rank < K)``. Returns int64 tensors of lengths N_images and N_captions.
+    """
+    i2t_ranks, t2i_ranks, _, _ = _extended_statistics(sims, extra_positives, captions_per_image, chunk_size, False)
+    return i2t_ranks, t2i_ranks
+
+
+def extended_r_precision(sims: torch.Tensor, extra_positives, captions_per_image: int = 5,
+                         chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """R-precision per query with the positives of :func:`extended_ranks`: with R positives for a query, the
+    fraction of its top R results that are positive, ranked pessimistically (a positive tied with negatives comes
+    after them). Returns float64 tensors in [0, 1] of lengths N_images (i2t) and N_captions (t2i)."""
+    _, _, i2t_precision, t2i_precision = _extended_statistics(sims, extra_positives, captions_per_image,
+                                                              chunk_size, True)
+    return i2t_precision, t2i_precision
+
+
+class JudgedErrors(NamedTuple):
+    """What :func:`share_of_errors_judged_relevant` returns."""
+
+    share: float                    # mean of judged_relevant over the error queries (NaN when there is none)
+    judged_relevant: torch.Tensor   # (N_images,) float64: 1 / 0 for an error query, NaN for a correct one
+    judged: torch.Tensor            # (N_images,) float64: 1 if its top-1 caption was judged at all, NaN if correct
+
+
+def share_of_errors_judged_relevant(sims: torch.Tensor, judgements, threshold: float | None = None,
+                                    captions_per_image: int = 5, chunk_size: int = 1024) -> JudgedErrors:
+    """Among image queries whose top-1 caption is not one of their own (i2t rank >= 1 under :func:`retrieval_ranks`),
+    the share whose top-1 caption humans judged relevant to the image (``judgements.is_relevant(threshold)``).
+
+    The top-1 caption of an error query is its best-scoring caption from another image; when several tie for it,
+    the query counts as judged relevant only if all of them are (the pessimistic tie rule). A top-1 caption nobody
+    judged for that image counts as not relevant: the share is a lower bound, and ``judged`` says per query whether
+    the top-1 caption(s) were judged at all (its mean over error queries is the judgements' coverage of the errors).
+    """
+    image_index, caption_index = _check_judgements(sims, judgements, captions_per_image)
+    _check_positive_int(chunk_size, "chunk_size")
+    n_images, n_captions = sims.shape
+    device = sims.device
+    relevant_flags = torch.as_tensor(judgements.is_relevant(threshold)).to(device=device, dtype=torch.bool)
+    image_index, caption_index = image_index.to(device), caption_index.to(device)
+    judged_relevant = torch.full((n_images,), float("nan"), dtype=torch.float64, device=device)
+    judged = torch.full((n_images,), float("nan"), dtype=torch.float64, device=device)
+    offsets = torch.arange(captions_per_image, device=device)
+    for start in range(0, n_images, chunk_size):
+        block = _finite_block(sims[start:start + chunk_size])                               # (c, N_captions)
+        count = block.shape[0]
+        rows = torch.arange(count, device=device)
+        own = torch.zeros(block.shape, dtype=torch.bool, device=device)
+        own[rows[:, None], (start + rows)[:, None] * captions_per_image + offsets] = True
+        inside = (image_index >= start) & (image_index < start + count)
+        is_judged = torch.zeros(block.shape, dtype=torch.bool, device=device)
+        is_relevant = torch.zeros(block.shape, dtype=torch.bool, device=device)
+        is_judged[image_index[inside] - start, caption_index[inside]] = True
+        is_relevant[image_index[inside] - start, caption_index[inside]] = relevant_flags[inside]
+        best_own = block.masked_fill(~own, float("-inf")).amax(dim=1)                     # (c,)
+        best_other = block.masked_fill(own, float("-inf")).amax(dim=1, keepdim=True)       # (c, 1)
+        error = best_other[:, 0] >= best_own                                               # (c,)
+        top = (block == best_other) & ~own                                                 # (c, N_captions)
+        all_relevant = (is_relevant | ~top).all(dim=1).to(torch.float64)
+        all_judged = (is_judged | ~top).all(dim=1).to(torch.float64)
+        nan = torch.full_like(all_relevant, float("nan"))
+        judged_relevant[start:start + count] = torch.where(error, all_relevant, nan)
+        judged[start:start + count] = torch.where(error, all_judged, nan)
+    errors = ~torch.isnan(judged_relevant)
+    share = float(judged_relevant[errors].mean()) if bool(errors.any()) else float("nan")
+    return JudgedErrors(share, judged_relevant, judged)
+
+
+def human_relevance_evaluation(sims: torch.Tensor, expert, crowd, expert_threshold: float | None = None,
+                               crowd_threshold: float | None = None, captions_per_image: int = 5,
+                               chunk_size: int = 1024) -> tuple[dict[str, float | None], dict]:
+    """``(metrics, per_query)`` of a split's similarity matrix against Flickr8k's human judgements.
+
+    ``expert`` and ``crowd`` come from :func:`xmr.data.load_expert_judgements` and
+    :func:`xmr.data.load_crowd_judgements` (either may be None to skip it); thresholds default to the judgements'
+    own (expert mean score >= 3, crowd yes proportion > 0.5). Metrics, for each given source ``<s>``:
+
+    - ``<s>_i2t_r1 ... <s>_t2i_r10`` (percent): R@K with the pairs judged relevant as extra positives
+      (:func:`extended_ranks`); ``<s>_i2t_rprecision``, ``<s>_t2i_rprecision`` (percent): R-precision with them;
+    - ``<s>_errors_judged_relevant`` and ``<s>_errors_judged`` (percent): over image queries whose top-1 caption
+      is not their own, the share whose top-1 caption was judged relevant, and judged at all
+      (:func:`share_of_errors_judged_relevant`);
+    - ``expert_tau_b``: mean per-image Kendall tau-b with the mean expert score (:func:`judged_kendall_tau`).
+
+    ``per_query["query_means"][name]`` lists the per-query values whose mean is ``metrics[name]`` (R@K: 0 or 100
+    per query). A metric averaged over a subset of queries stores that subset's values only, and is None (with no
+    list) when the subset is empty.
+    """
+    metrics: dict[str, float | None] = {}
+    query_means: dict[str, list[float]] = {}
+
+    def record(name: str, values: torch.Tensor) -> None:
+        # for subset metrics ``values`` holds NaN outside the subset; only the subset is stored
+        values = values[~torch.isnan(values)].to(torch.float64).cpu()
+        metrics[name] = float(values.mean()) if values.numel() else None
+        if values.numel():
+            query_means[name] = values.tolist()
+
+    for source, judgements, threshold in (("expert", expert, expert_threshold), ("crowd", crowd, crowd_threshold)):
+        if judgements is None:
+            continue
+        _check_judgements(sims, judgements, captions_per_image)
+        extra = judgements.relevant_pairs(threshold)
+        i2t_ranks, t2i_ranks, i2t_precision, t2i_precision = _extended_statistics(
+            sims, extra, captions_per_image, chunk_size, True)
+        for direction, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
+            for k in RECALL_CUTOFFS:
+                record(f"{source}_{direction}_r{k}", 100.0 * (ranks < k).to(torch.float64))
+        record(f"{source}_i2t_rprecision", 100.0 * i2t_precision)
+        record(f"{source}_t2i_rprecision", 100.0 * t2i_precision)
+        errors = share_of_errors_judged_relevant(sims, judgements, threshold, captions_per_image, chunk_size)
+        record(f"{source}_errors_judged_relevant", 100.0 * errors.judged_relevant)   # subset: error queries
+        record(f"{source}_errors_judged", 100.0 * errors.judged)                     # subset: error queries
+        if source == "expert":
+            # subset: images with >= 2 judged captions whose human scores are not all equal
+            record("expert_tau_b", judged_kendall_tau(sims, judgements, captions_per_image, chunk_size))
+    if not metrics:
+        raise ValueError("pass expert or crowd judgements (or both)")
+    return metrics, {"query_means": query_means}
