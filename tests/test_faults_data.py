@@ -22,12 +22,18 @@ import torch.nn.functional as F
 from PIL import Image
 from test_data import BENCH, CHILD, FAKE_SPLITS, make_fake_flickr8k
 
-from xmr.data import (DatasetFormatError, PairedFeatures, load_drcl_wikipedia_features, load_flickr8k,
-                      load_uci_mfeat, load_wikipedia, make_synthetic_image_captions)
+from xmr.data import (
+    DatasetFormatError,
+    PairedFeatures,
+    load_drcl_wikipedia_features,
+    load_flickr8k,
+    load_uci_mfeat,
+    load_wikipedia,
+    make_synthetic_image_captions,
+)
 from xmr.data.labelled_views import UCI_MFEAT_VIEW_FILES
 from xmr.data.test_captions import load_test_captions
-from xmr.features import (STALE_TEMPORARY_SECONDS, ExtractionSettings, FeatureCache, _writer_tag,
-                          image_features)
+from xmr.features import STALE_TEMPORARY_SECONDS, ExtractionSettings, FeatureCache, _writer_tag, image_features
 
 REPO = Path(__file__).resolve().parents[1]
 REDOWNLOAD = "download it again"
@@ -89,6 +95,38 @@ def test_flipped_byte_in_cache_entry_warns_and_recomputes(tiny, tmp_path):
         warnings.simplefilter("error")  # the rebuilt entry is sound
         assert torch.equal(image_features(split, backbone, settings)["pooled"], computed["pooled"])
     assert backbone.calls == 4
+
+
+def test_concurrent_runs_extract_the_same_features_once(tiny):
+    """Two runs needing one entry: the second waits on the entry's lock, then reads what the first saved."""
+    import threading
+
+    split, backbone, settings = tiny
+    cache = settings.cache
+    key = {"dataset": "probe", "split": "test"}
+    order = []
+    first_holds = threading.Event()
+
+    def first():
+        with cache.exclusive(key):
+            first_holds.set()
+            time.sleep(0.3)
+            order.append("first done")
+
+    def second():
+        first_holds.wait()
+        with cache.exclusive(key):
+            order.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert order == ["first done", "second in"]
+
+    image_features(split, backbone, settings), image_features(split, backbone, settings)
+    assert backbone.calls == 2  # extracted once (2 batches), then read under the lock
 
 
 def test_replaced_image_is_a_new_cache_key(tiny, tmp_path):

@@ -15,6 +15,7 @@ top k stages, for methods that fine-tune those stages on cached inputs (see :mod
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,11 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: concurrent extractions of one entry are not serialised
+    fcntl = None
 
 from .encoders import ImageBackbone, TextBackbone
 
@@ -130,6 +136,21 @@ class FeatureCache:
         self.directory = Path(directory) if directory is not None else default_cache_dir()
         remove_stale_temporaries(self.directory)
 
+    @contextlib.contextmanager
+    def exclusive(self, key: dict):
+        """Hold an exclusive lock on ``key``'s entry (``flock`` on a ``.lock`` file beside it; released when the
+        holder exits or dies), so that concurrent processes extract the same features once."""
+        path = self.path(key).with_suffix(".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+
     def path(self, key: dict) -> Path:
         readable = "-".join(str(key[name]) for name in ("dataset", "split", "backbone", "layer") if name in key)
         return self.directory / f"{readable}-{_digest(key)[:16]}.pt"
@@ -216,8 +237,6 @@ def image_features(split, backbone: ImageBackbone | None = None,
     Returns ``grid`` (N, 49, 1280) float16 and ``pooled`` (N, 1280) float32 for a frozen backbone, or
     ``lower`` (N, C, 7, 7) float16 activations below the trainable stages.
     """
-    from .data import load_image
-
     backbone = backbone if backbone is not None else ImageBackbone()
     settings = settings or ExtractionSettings()
     cache = settings.cache or FeatureCache()
@@ -225,9 +244,17 @@ def image_features(split, backbone: ImageBackbone | None = None,
     items = [f"{image_id}:{file_digest(path)}" for image_id, path in zip(split.image_ids, split.image_paths)]
     key = _key(split, backbone, "image", items,
                f"load_image-resize{224}-bicubic-mean{backbone.mean}-std{backbone.std}")
-    cached = cache.load(key)
-    if cached is not None:
-        return cached
+    with cache.exclusive(key):  # a concurrent run needing the same features waits for them, then reads them
+        cached = cache.load(key)
+        if cached is None:
+            cached = _extract_images(split, backbone, settings)
+            cache.save(key, cached)
+    return cached
+
+
+def _extract_images(split, backbone: ImageBackbone, settings: ExtractionSettings) -> dict[str, torch.Tensor]:
+    from .data import load_image
+
     backbone = backbone.to(settings.device).eval()
     outputs: dict[str, list[torch.Tensor]] = {}
     paths = list(split.image_paths)
@@ -243,9 +270,7 @@ def image_features(split, backbone: ImageBackbone | None = None,
             batch = {"lower": lower.half()}
         for name, tensor in batch.items():
             outputs.setdefault(name, []).append(tensor.cpu())
-    tensors = {name: torch.cat(parts) for name, parts in outputs.items()}
-    cache.save(key, tensors)
-    return tensors
+    return {name: torch.cat(parts) for name, parts in outputs.items()}
 
 
 @torch.no_grad()
@@ -268,9 +293,16 @@ def text_features(split, backbone: TextBackbone | None = None, settings: Extract
     captions = list(split.captions)
     key = _key(split, backbone, "text_pooled" if pooled_only else "text", captions,
                f"wordpiece-uncased-max{backbone.max_length}-tokenizer{_tokenizer_fingerprint(backbone)}")
-    cached = cache.load(key)
-    if cached is not None:
-        return cached
+    with cache.exclusive(key):  # a concurrent run needing the same features waits for them, then reads them
+        cached = cache.load(key)
+        if cached is None:
+            cached = _extract_texts(split, backbone, settings, captions, pooled_only)
+            cache.save(key, cached)
+    return cached
+
+
+def _extract_texts(split, backbone: TextBackbone, settings: ExtractionSettings, captions: list[str],
+                   pooled_only: bool) -> dict[str, torch.Tensor]:
     backbone = backbone.to(settings.device).eval()
     length = int(backbone.tokenize(captions)["attention_mask"].sum(1).max())
     parts: dict[str, list[torch.Tensor]] = {}
@@ -292,6 +324,4 @@ def text_features(split, backbone: TextBackbone | None = None, settings: Extract
                 pad = [0, 0] * (tensor.dim() - 2) + [0, length - tensor.shape[1]]
                 tensor = torch.nn.functional.pad(tensor, pad)
             parts.setdefault(name, []).append(tensor.cpu())
-    tensors = {name: torch.cat(chunks) for name, chunks in parts.items()}
-    cache.save(key, tensors)
-    return tensors
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
