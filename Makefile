@@ -1,4 +1,6 @@
 # Two entry points (see README): `make book` and `make test`. Everything else is a step of those.
+# Another environment (conda, or any activated one) instead of .venv: pass its bin folder on the command line,
+# `make test BIN="$CONDA_PREFIX/bin"`; `make env BIN=...` then installs xmr into it instead of creating .venv.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,16 +14,29 @@ export PYTHONHASHSEED := 0
 # a smoke kernel once hung in a tokenizer call; the Rust tokenizers' thread pool is a known deadlock source
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env test smoke-notebooks notebooks book html bench clean
+.PHONY: env test lint lab new-paper smoke-notebooks notebooks book html bench clean
 
 $(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[dev,book]"
+	@if [ ! -x "$(BIN)/python" ]; then \
+		if [ "$(BIN)" != "$(VENV)/bin" ]; then echo "no python in BIN=$(BIN)"; exit 1; fi; \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev,book,lab]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3
 	touch $@
 
-env: $(BIN)/.installed  ## create the virtual environment and install xmr with its extras
+env: $(BIN)/.installed  ## create the virtual environment (or use BIN=...) and install xmr with its extras
+
+lint: env  ## ruff on the package, tests, tools and the notebooks' code cells (the rules are in pyproject.toml)
+	$(BIN)/ruff check .
+
+lab: env  ## JupyterLab on notebooks/, with this environment's kernel (live widgets: notebooks/explorer.ipynb)
+	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+
+new-paper: env  ## start a reproduction from the template: make new-paper ID=smith2025
+	@if [ -z "$(ID)" ]; then echo "usage: make new-paper ID=<paper id, e.g. smith2025>"; exit 2; fi
+	$(BIN)/python -m xmr.new_paper $(ID)
 
 test: env  ## unit tests, the notebooks in smoke mode (nbval), a strict build of the book and a browser check
 	$(BIN)/pytest -q tests --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600
