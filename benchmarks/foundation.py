@@ -109,8 +109,9 @@ def main(argv=None) -> dict:
     extraction = bench_extraction(args.images)
     limit = matmul_flops_per_s()
     print(f"dense limit (float32 2048^3 matmul): {limit / 1e9:.1f} GFLOP/s")
-    for name, rate, flops, unit in (("EfficientNet-Lite0", extraction["images_per_s"], extraction["image_flops"], "images"),
-                                    ("all-MiniLM-L6-v2", extraction["captions_per_s"], extraction["caption_flops"], "captions")):
+    extractors = (("EfficientNet-Lite0", extraction["images_per_s"], extraction["image_flops"], "images"),
+                  ("all-MiniLM-L6-v2", extraction["captions_per_s"], extraction["caption_flops"], "captions"))
+    for name, rate, flops, unit in extractors:
         achieved = rate * flops
         print(f"feature extraction ({name}, CPU): {rate:.1f} {unit}/s x {flops / 1e9:.3f} GFLOP = "
               f"{achieved / 1e9:.1f} GFLOP/s, {100 * achieved / limit:.0f}% of the dense limit")
@@ -121,7 +122,8 @@ def main(argv=None) -> dict:
               f"{evaluation['naive_seconds']:.2f} s; speed-up x{evaluation['speedup']:.1f}")
         figures[f"evaluation_{size}"] = evaluation
     training = bench_training(6000)
-    print(f"training on cached pooled features (linear heads, InfoNCE, batch 64): {training['pairs_per_s']:.0f} pairs/s")
+    print(f"training on cached pooled features (linear heads, InfoNCE, batch 64): "
+          f"{training['pairs_per_s']:.0f} pairs/s")
     figures["training"] = training
     if args.json:
         with open(args.json, "w") as file:

@@ -22,12 +22,12 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 import ddp_training
 import foundation
 import losses
 import scale
+import torch
+
 from xmr.results import environment_info
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cpu.json"

@@ -37,7 +37,8 @@ def built_site(tmp_path_factory) -> Path:
 def site_pages(html: Path) -> list[str]:
     """Every content page (not Sphinx's generated index, search and module-source pages)."""
     return sorted(str(path.relative_to(html)) for path in html.rglob("*.html")
-                  if not path.relative_to(html).parts[0].startswith("_") and path.name not in ("genindex.html", "search.html"))
+                  if not path.relative_to(html).parts[0].startswith("_")
+                  and path.name not in ("genindex.html", "search.html"))
 
 
 def test_book_builds_without_warnings(built_site):

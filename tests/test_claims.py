@@ -7,8 +7,19 @@ import pytest
 from scipy import stats
 
 from xmr import claims
-from xmr.claims import (HELD, NOT_ESTABLISHED, NOT_TESTABLE, REVERSED, WITHIN_NOISE, Claim, compare, judge,
-                        metric_from_caption_ranks, untestable, verdict_table)
+from xmr.claims import (
+    HELD,
+    NOT_ESTABLISHED,
+    NOT_TESTABLE,
+    REVERSED,
+    WITHIN_NOISE,
+    Claim,
+    compare,
+    judge,
+    metric_from_caption_ranks,
+    untestable,
+    verdict_table,
+)
 
 CAPTIONS = 5
 

@@ -10,10 +10,25 @@ from torch import nn
 
 from xmr.data import PairedFeatures
 from xmr.encoders import count_trainable_parameters, masked_mean, sort_regions
-from xmr.methods.coder import (PAPER_ID, CODERSettings, ConceptBranch, DiversityContrastiveLoss, MomentumQueue,
-                               PrototypeClassificationLoss, build_coder_model, concept_adjacency,
-                               concept_cooccurrence, concept_word_vectors, diversity_scores, kmeans, mine_concepts,
-                               momentum_encoder, momentum_update, raw_diversity, run_coder)
+from xmr.methods.coder import (
+    PAPER_ID,
+    CODERSettings,
+    ConceptBranch,
+    DiversityContrastiveLoss,
+    MomentumQueue,
+    PrototypeClassificationLoss,
+    build_coder_model,
+    concept_adjacency,
+    concept_cooccurrence,
+    concept_word_vectors,
+    diversity_scores,
+    kmeans,
+    mine_concepts,
+    momentum_encoder,
+    momentum_update,
+    raw_diversity,
+    run_coder,
+)
 from xmr.results import paper_numbers
 from xmr.train import RetrievalValidator, TrainConfig, fit
 

@@ -9,14 +9,42 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xmr.category_retrieval import (CrossModalData, Modality, evaluate_features, map_evaluation, map_table, pr_curves,
-                                    stratified_split, uci_mfeat_data, wikipedia_data)
+from xmr.category_retrieval import (
+    CrossModalData,
+    Modality,
+    evaluate_features,
+    map_evaluation,
+    map_table,
+    pr_curves,
+    stratified_split,
+    uci_mfeat_data,
+    wikipedia_data,
+)
 from xmr.methods.cca import fit_cca, fit_mcca, run_cca, run_mcca
-from xmr.methods.drcl import (ADAM_BETAS, DRCLSettings, PriorLearning, ReversibleConsistencyLoss, RSCModel,
-                              SPLModel, feature_mixup, generalized_cross_entropy, hardness_q, learn_prior,
-                              learn_priors, quality_score, random_orthogonal_prior, recast_anchors, record_run,
-                              run_drcl, run_result_fields, run_sdml, scaled_cosine, select_prior, train_modality,
-                              training_config)
+from xmr.methods.drcl import (
+    ADAM_BETAS,
+    DRCLSettings,
+    PriorLearning,
+    ReversibleConsistencyLoss,
+    RSCModel,
+    SPLModel,
+    feature_mixup,
+    generalized_cross_entropy,
+    hardness_q,
+    learn_prior,
+    learn_priors,
+    quality_score,
+    random_orthogonal_prior,
+    recast_anchors,
+    record_run,
+    run_drcl,
+    run_result_fields,
+    run_sdml,
+    scaled_cosine,
+    select_prior,
+    train_modality,
+    training_config,
+)
 from xmr.metrics import average_precisions
 from xmr.results import read_record, write_result
 from xmr.train import TrainResult, fit
@@ -147,7 +175,8 @@ def test_pseudo_inverse_recovers_identity(kind):
     """W+ W = I_C for the random orthogonal prior and for a non-orthogonal full-rank one (learned priors grow)."""
     prior = random_orthogonal_prior(64, 10, seed=5)
     if kind == "learned-like":
-        prior = prior * torch.linspace(0.5, 6.0, 10) + 0.3 * torch.randn(64, 10, generator=torch.Generator().manual_seed(6))
+        noise = torch.randn(64, 10, generator=torch.Generator().manual_seed(6))
+        prior = prior * torch.linspace(0.5, 6.0, 10) + 0.3 * noise
     loss = ReversibleConsistencyLoss(prior)
     torch.testing.assert_close(loss.prior_inverse @ loss.prior, torch.eye(10), atol=1e-5, rtol=0)
     if kind == "orthogonal":
@@ -536,7 +565,8 @@ def correlated_views(n=2000, seed=0):
     generator = torch.Generator().manual_seed(seed)
     shared = torch.randn(n, 2, generator=generator, dtype=torch.float64)
     x = torch.cat([shared[:, :1] + 0.5 * torch.randn(n, 1, generator=generator, dtype=torch.float64),
-                   torch.randn(n, 3, generator=generator, dtype=torch.float64)], 1) @ torch.randn(4, 4, generator=generator, dtype=torch.float64)
+                   torch.randn(n, 3, generator=generator, dtype=torch.float64)], 1) \
+            @ torch.randn(4, 4, generator=generator, dtype=torch.float64)
     y = torch.cat([shared[:, :1] + 0.5 * torch.randn(n, 1, generator=generator, dtype=torch.float64),
                    torch.randn(n, 2, generator=generator, dtype=torch.float64)], 1)
     return x, y

@@ -1,12 +1,20 @@
 """Pretrained backbones load offline with real weights; the lower/upper split and the feature cache are exact."""
-import warnings
 
 import pytest
 import torch
 
 from xmr.data import load_flickr8k, make_synthetic_image_captions
-from xmr.encoders import (IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, DualEncoder, ImageBackbone, ProjectionHead,
-                          TextBackbone, Tower, count_trainable_parameters, masked_mean)
+from xmr.encoders import (
+    IMAGE_FEATURE_DIM,
+    TEXT_FEATURE_DIM,
+    DualEncoder,
+    ImageBackbone,
+    ProjectionHead,
+    TextBackbone,
+    Tower,
+    count_trainable_parameters,
+    masked_mean,
+)
 from xmr.features import ExtractionSettings, FeatureCache, image_features, text_features
 
 

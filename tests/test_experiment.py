@@ -5,10 +5,15 @@ import math
 import pytest
 import torch
 
-from xmr.experiment import (DualEncoderSettings, build_dual_encoder, load_caption_inputs, record_outcome,
-                            run_dual_encoder)
 from xmr.data import load_flickr8k
 from xmr.encoders import ImageBackbone, TextBackbone
+from xmr.experiment import (
+    DualEncoderSettings,
+    build_dual_encoder,
+    load_caption_inputs,
+    record_outcome,
+    run_dual_encoder,
+)
 from xmr.features import ExtractionSettings, FeatureCache
 from xmr.methods.coder import CODERSettings, run_coder
 from xmr.train import TrainConfig

@@ -55,7 +55,8 @@ def test_bad_input_is_rejected_clearly(explorer):
     with pytest.raises(KeyError, match="unknown model"):
         explorer.gallery("other")
     with pytest.raises(ValueError, match="same split"):
-        RetrievalExplorer(explorer.models, explorer.split, CaptionInputs(explorer.inputs.image[:4], explorer.inputs.text))
+        RetrievalExplorer(explorer.models, explorer.split,
+                          CaptionInputs(explorer.inputs.image[:4], explorer.inputs.text))
 
 
 def test_widget_builds_with_a_first_view(explorer):

@@ -7,9 +7,19 @@ import torch
 import torch.nn.functional as F
 
 from xmr.losses import InfoNCELoss
-from xmr.methods.icone import (IConELoss, IConEModel, IConESettings, InstanceLoss, ScratchTextEncoder, Stage,
-                               build_icone_model, enter_stage, joint_space_silhouette, literal_eq6_image_to_text,
-                               paper_stages, run_schedule)
+from xmr.methods.icone import (
+    IConELoss,
+    IConESettings,
+    InstanceLoss,
+    ScratchTextEncoder,
+    Stage,
+    build_icone_model,
+    enter_stage,
+    joint_space_silhouette,
+    literal_eq6_image_to_text,
+    paper_stages,
+    run_schedule,
+)
 from xmr.train import TrainConfig
 
 DTYPES = (torch.float32, torch.float64)

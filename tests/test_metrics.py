@@ -7,9 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from xmr.metrics import (RETRIEVAL_KEYS, mean_average_precision, precision_recall_curve, retrieval_metrics,
-                         retrieval_metrics_5fold, retrieval_ranks)
-
+from xmr.metrics import (
+    RETRIEVAL_KEYS,
+    mean_average_precision,
+    precision_recall_curve,
+    retrieval_metrics,
+    retrieval_metrics_5fold,
+    retrieval_ranks,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Plain-loop references

@@ -5,12 +5,12 @@ matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 
 from xmr.data import make_synthetic_image_captions  # noqa: E402
-from xmr.plots import (plot_sweep, plot_training_curves, show_image_to_text, show_text_to_image,  # noqa: E402
-                       top_k_indices)
+from xmr.plots import plot_sweep, plot_training_curves, show_image_to_text, show_text_to_image, top_k_indices  # noqa: E402
 
 
 def test_training_curves_one_line_per_run():
-    histories = {"a": [{"epoch": 1, "train_loss": 2.0, "val_rsum": 10}, {"epoch": 2, "train_loss": 1.0, "val_rsum": 20}],
+    histories = {"a": [{"epoch": 1, "train_loss": 2.0, "val_rsum": 10},
+                       {"epoch": 2, "train_loss": 1.0, "val_rsum": 20}],
                  "b": [{"epoch": 1, "train_loss": 3.0, "val_rsum": 5}]}
     figure = plot_training_curves(histories)
     assert [len(axis.lines) for axis in figure.axes] == [2, 2]

@@ -20,7 +20,7 @@ def reference_gpo(features, mask, theta):
     pooled = torch.zeros(features.shape[0], features.shape[2], dtype=torch.float64)
     for b in range(features.shape[0]):
         for d in range(features.shape[2]):
-            values = sorted((float(features[b, l, d]) for l in range(features.shape[1]) if mask[b, l]), reverse=True)
+            values = sorted((float(features[b, r, d]) for r in range(features.shape[1]) if mask[b, r]), reverse=True)
             pooled[b, d] = sum(float(theta[b, k]) * value for k, value in enumerate(values))
     return pooled
 

@@ -15,8 +15,7 @@ import pytest
 
 from xmr import runs
 from xmr.results import REPOSITORY
-from xmr.runs import (Choices, Flag, Folder, Integer, Number, ParameterError, RunTag, Text, check_parameters,
-                      start_run)
+from xmr.runs import Choices, Flag, Folder, Integer, Number, ParameterError, RunTag, Text, check_parameters, start_run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_notebook.ipynb.json"
 PAPER = "testpaper"

@@ -14,10 +14,24 @@ from xmr.encoders import IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, count_trainable_pa
 from xmr.experiment import CaptionInputs
 from xmr.features import ExtractionSettings, FeatureCache
 from xmr.methods.semantic_unification import (
-    CaptionGroups, CaptionRetrievalValidator, MappedDualEncoder, PairDistanceLoss, PretrainedSpace, RegionCropViews,
-    SemanticContrastiveLoss, SemanticSpace, SemanticUnificationSettings, build_space, caption_retrieval_metrics,
-    map_spaces, printed_term_of_cosine, random_crop_weights, record_unification, run_semantic_unification,
-    train_mapping, train_text_space,
+    CaptionGroups,
+    CaptionRetrievalValidator,
+    MappedDualEncoder,
+    PairDistanceLoss,
+    PretrainedSpace,
+    RegionCropViews,
+    SemanticContrastiveLoss,
+    SemanticSpace,
+    SemanticUnificationSettings,
+    build_space,
+    caption_retrieval_metrics,
+    map_spaces,
+    printed_term_of_cosine,
+    random_crop_weights,
+    record_unification,
+    run_semantic_unification,
+    train_mapping,
+    train_text_space,
 )
 from xmr.metrics import mean_average_precision
 from xmr.train import TrainConfig
@@ -396,7 +410,8 @@ def test_mapping_direction_and_unit_norm():
     settings = SemanticUnificationSettings(text_space_dim=16, image_space_dim=12, map_from="text")
     model = MappedDualEncoder(build_space(settings, "image"), build_space(settings, "text"), torch.nn.Linear(16, 12),
                               map_from="text")
-    image, text = model.encode_image(torch.randn(4, IMAGE_FEATURE_DIM)), model.encode_text(torch.randn(4, TEXT_FEATURE_DIM))
+    image = model.encode_image(torch.randn(4, IMAGE_FEATURE_DIM))
+    text = model.encode_text(torch.randn(4, TEXT_FEATURE_DIM))
     assert image.shape == text.shape == (4, 12)
     torch.testing.assert_close(text.norm(dim=1), torch.ones(4))
     with pytest.raises(ValueError, match="map_from"):
@@ -448,7 +463,8 @@ def test_map_spaces_shares_the_spaces_and_run_costs_reads_both_record_kinds(tmp_
 
 def test_pretrained_mapping_maps_backbone_spaces():
     train, _ = synthetic_inputs(32, seed=3)
-    outcome = map_spaces(PretrainedSpace(), PretrainedSpace(), SemanticUnificationSettings(), SMALL, train, train, train)
+    outcome = map_spaces(PretrainedSpace(), PretrainedSpace(), SemanticUnificationSettings(), SMALL,
+                         train, train, train)
     assert outcome.trainable_parameters == IMAGE_FEATURE_DIM * TEXT_FEATURE_DIM + TEXT_FEATURE_DIM
     assert outcome.test_metrics["rsum"] > 0
 

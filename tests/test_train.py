@@ -8,8 +8,16 @@ import torch.nn.functional as F
 from xmr.data.paired import PairedFeatures
 from xmr.encoders import DualEncoder, ProjectionHead, Tower
 from xmr.results import load_results, write_result
-from xmr.train import (CheckpointError, NonFiniteGradientError, NonFiniteLossError, RetrievalValidator, TrainConfig,
-                       evaluate_retrieval, evaluate_retrieval_per_query, fit)
+from xmr.train import (
+    CheckpointError,
+    NonFiniteGradientError,
+    NonFiniteLossError,
+    RetrievalValidator,
+    TrainConfig,
+    evaluate_retrieval,
+    evaluate_retrieval_per_query,
+    fit,
+)
 
 
 class SymmetricCrossEntropy(torch.nn.Module):
@@ -57,7 +65,8 @@ def test_a_short_run_improves_recall(data):
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.step_losses and result.pairs_per_second > 0
     # The best epoch's weights are restored.
-    assert evaluate_retrieval(model, validate.image, validate.text)["rsum"] == pytest.approx(result.best_metrics["rsum"])
+    restored = evaluate_retrieval(model, validate.image, validate.text)["rsum"]
+    assert restored == pytest.approx(result.best_metrics["rsum"])
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(data, tmp_path):

@@ -10,8 +10,14 @@ import transformers
 
 from xmr.data import make_synthetic_image_captions
 from xmr.metrics import retrieval_metrics
-from xmr.zero_shot import (ZERO_SHOT_MODELS, ZeroShotEncoder, embed_captions, embed_images, evaluate_zero_shot,
-                           load_zero_shot_model)
+from xmr.zero_shot import (
+    ZERO_SHOT_MODELS,
+    ZeroShotEncoder,
+    embed_captions,
+    embed_images,
+    evaluate_zero_shot,
+    load_zero_shot_model,
+)
 
 VOCAB = 99
 TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,

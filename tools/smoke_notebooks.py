@@ -20,7 +20,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 REFERENCES = REPO / "tests" / "smoke_notebooks"
-RESULTS_DIR = "../../_build/smoke-results"  # relative to REFERENCES, where papermill and nbval run the kernel
+RESULTS_DIR = "~/.cache/xmr/smoke-results"  # outside the repository: smoke runs never publish into results/
 CHECKED = "nbval-check-output"
 
 
@@ -30,7 +30,8 @@ def smoke_parameters(paper_id: str) -> dict:
 
 
 def paper_ids() -> list[str]:
-    return sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb") if (NOTEBOOKS / "params" / f"{path.stem}_smoke.yaml").exists())
+    return sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb")
+                  if (NOTEBOOKS / "params" / f"{path.stem}_smoke.yaml").exists())
 
 
 def regenerate(paper_id: str) -> Path:

@@ -14,8 +14,18 @@ from pathlib import Path
 import torch
 
 from .data import PairedFeatures, load_flickr8k
-from .encoders import (GPO, IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, DualEncoder, ImageBackbone, ProjectionHead,
-                       TextBackbone, Tower, count_trainable_parameters, sort_regions)
+from .encoders import (
+    GPO,
+    IMAGE_FEATURE_DIM,
+    TEXT_FEATURE_DIM,
+    DualEncoder,
+    ImageBackbone,
+    ProjectionHead,
+    TextBackbone,
+    Tower,
+    count_trainable_parameters,
+    sort_regions,
+)
 from .features import ExtractionSettings, image_features, text_features
 from .losses import make_loss
 from .results import write_result
@@ -137,7 +147,8 @@ class ExperimentOutcome:
 
 def run_dual_encoder(settings: DualEncoderSettings, config: TrainConfig, train: CaptionInputs,
                      validation: CaptionInputs, test: CaptionInputs,
-                     checkpoint_dir: str | Path | None = None, loss: torch.nn.Module | None = None) -> ExperimentOutcome:
+                     checkpoint_dir: str | Path | None = None,
+                     loss: torch.nn.Module | None = None) -> ExperimentOutcome:
     """Train a dual encoder (one random caption per image per epoch) until its validation Rsum stops improving
     or its budget ends, restore the best validation epoch, and evaluate it on ``test``."""
     torch.manual_seed(config.seed)

@@ -13,7 +13,8 @@ from .data import load_image
 
 def plot_training_curves(histories: Mapping[str, Sequence[dict]], metrics: Sequence[str] = ("train_loss", "val_rsum"),
                          titles: Sequence[str] | None = None):
-    """One panel per metric, one line per run; ``histories`` maps a label to a :class:`~xmr.train.TrainResult` history."""
+    """One panel per metric, one line per run; ``histories`` maps a label to a :class:`~xmr.train.TrainResult`
+    history."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for axis, metric, title in zip(axes[0], metrics, titles or metrics):
         for label, history in histories.items():

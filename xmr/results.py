@@ -158,8 +158,9 @@ def write_claims(results_dir: str | Path, paper_id: str, run_name: str, claims: 
     """Write a paper's claims file (``Verdict.as_row()`` of each claim, :mod:`xmr.claims`)."""
     _check_name(paper_id, "paper_id")
     _check_name(run_name, "run_name")
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     record = {"schema_version": RESULT_SCHEMA_VERSION, "kind": "claims", "paper_id": paper_id,
-              "run_name": run_name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "run_name": run_name, "created": created,
               "parameters": _jsonable(parameters or {}), "claims": _jsonable(claims),
               "environment": environment_info()}
     validate_record(record, f"{paper_id}/{run_name}")

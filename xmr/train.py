@@ -183,12 +183,14 @@ def _load_checkpoint(path: Path, device: torch.device, expected: dict) -> dict:
     except Exception as error:  # noqa: BLE001 - truncated, corrupt or not a plain-data checkpoint
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); delete it to "
                               "start over, or pass another checkpoint_dir") from error
-    differing = [part for part in ("config", "model", "data") if state.get("fingerprint", {}).get(part) != expected[part]]
+    stored_fingerprint = state.get("fingerprint", {})
+    differing = [part for part in ("config", "model", "data") if stored_fingerprint.get(part) != expected[part]]
     if differing:
         details = []
         if "config" in differing:
-            stored = state.get("fingerprint", {}).get("config", {})
-            keys = sorted(k for k in set(stored) | set(expected["config"]) if stored.get(k) != expected["config"].get(k))
+            stored = stored_fingerprint.get("config", {})
+            keys = sorted(k for k in set(stored) | set(expected["config"])
+                          if stored.get(k) != expected["config"].get(k))
             details.append(f"settings differ in {keys}")
         if "model" in differing:
             details.append("the model or its loss differs")
@@ -208,7 +210,8 @@ def check_finite_losses(losses: dict[str, torch.Tensor], epoch: int, step: int) 
     """Raise :class:`NonFiniteLossError` naming the loss terms that are NaN or infinite, and where."""
     values = torch.stack([value.detach().float() for value in losses.values()])
     if not bool(torch.isfinite(values).all()):
-        bad = {name: float(value.detach()) for name, value in losses.items() if not math.isfinite(float(value.detach()))}
+        bad = {name: float(value.detach()) for name, value in losses.items()
+               if not math.isfinite(float(value.detach()))}
         raise NonFiniteLossError(
             f"loss term(s) {bad} became non-finite at epoch {epoch}, step {step}; lower the learning rate, "
             "check the inputs for NaN, or clip gradients (TrainConfig.grad_clip_norm)"
@@ -250,7 +253,8 @@ def evaluate_retrieval(model: nn.Module, image: torch.Tensor, text: torch.Tensor
 
 
 def evaluate_retrieval_per_query(model: nn.Module, image: torch.Tensor, text: torch.Tensor,
-                                 text_mask: torch.Tensor | None = None, captions_per_image: int = 5) -> tuple[dict, dict]:
+                                 text_mask: torch.Tensor | None = None,
+                                 captions_per_image: int = 5) -> tuple[dict, dict]:
     """``(metrics, per_query)`` of ``model`` on a test split (:func:`xmr.metrics.retrieval_evaluation`): the
     metrics and the ranks of every query that a result file stores."""
     sims = retrieval_similarities(model, image, text, text_mask)
@@ -274,7 +278,8 @@ def check_finite_gradients(model: nn.Module, epoch: int, step: int) -> None:
     gradients = [p.grad for p in model.parameters() if p.grad is not None]
     if not gradients or bool(torch.stack([torch.isfinite(g).all() for g in gradients]).all()):
         return
-    bad = [name for name, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    bad = [name for name, p in model.named_parameters()
+           if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
     raise NonFiniteGradientError(f"the gradient of {bad[:5]}{' and more' if len(bad) > 5 else ''} became non-finite "
                                  f"at epoch {epoch}, step {step} (the loss was finite); lower the learning rate or "
                                  "check the loss for a division by zero or a log of 0")

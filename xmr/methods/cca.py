@@ -25,8 +25,14 @@ from itertools import combinations
 import scipy.linalg
 import torch
 
-from ..category_retrieval import (CrossModalData, Modality, direction_average_precisions, map_evaluation, map_metrics,
-                                  map_table)
+from ..category_retrieval import (
+    CrossModalData,
+    Modality,
+    direction_average_precisions,
+    map_evaluation,
+    map_metrics,
+    map_table,
+)
 from ..results import closed_form_training
 
 

@@ -33,9 +33,9 @@ and all-MiniLM-L6-v2 features: the same heads as the joint baseline (:func:`xmr.
 so the comparison isolates the training scheme. Stage 3 (:class:`MappedDualEncoder`) maps the image space into
 the text space with one ``nn.Linear`` (``map_from="text"`` maps the other way) and trains only that layer, on
 the frozen spaces' features encoded once (:func:`train_mapping`; :func:`map_spaces` maps any two frozen spaces,
-e.g. the backbones' own, :class:`PretrainedSpace`). Its objective is read two ways: Fig. 4 is captioned "contrastive learning with the same feature semantics", so the
-default is InfoNCE on the pairs (the joint baseline's loss too); the text of Sec. 3.3, "reducing the distance
-between all feature pairs", is :class:`PairDistanceLoss` (``mapping_loss="distance"``).
+e.g. the backbones' own, :class:`PretrainedSpace`). Its objective is read two ways: Fig. 4 is captioned
+"contrastive learning with the same feature semantics", so the default is InfoNCE on the pairs (the joint
+baseline's loss too); the text of Sec. 3.3, "reducing the distance between all feature pairs", is :class:`PairDistanceLoss` (``mapping_loss="distance"``).
 
 Also here: caption-to-caption retrieval (:func:`caption_retrieval_metrics`; the other captions of the query's
 image are the relevant ones), used to select the text space and for the cross-dataset test of Table 3's spirit.
@@ -54,8 +54,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..data import PairedFeatures, load_flickr8k
-from ..encoders import (IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, ImageBackbone, ProjectionHead,
-                        count_trainable_parameters)
+from ..encoders import IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, ImageBackbone, ProjectionHead, count_trainable_parameters
 from ..experiment import CaptionInputs
 from ..features import ExtractionSettings, image_features
 from ..losses import InfoNCELoss
@@ -359,7 +358,8 @@ def caption_retrieval_metrics(features: torch.Tensor, captions_per_image: int = 
 
 
 class CaptionRetrievalValidator:
-    """``validate(model) -> caption_retrieval_metrics`` of a text space on held-out captions, for :func:`~xmr.train.fit`."""
+    """``validate(model) -> caption_retrieval_metrics`` of a text space on held-out captions, for
+    :func:`~xmr.train.fit`."""
 
     def __init__(self, text: torch.Tensor, captions_per_image: int = 5, batch_size: int = 1024):
         self.text, self.captions_per_image, self.batch_size = text, captions_per_image, batch_size
