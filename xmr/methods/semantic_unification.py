@@ -35,7 +35,8 @@ the text space with one ``nn.Linear`` (``map_from="text"`` maps the other way) a
 the frozen spaces' features encoded once (:func:`train_mapping`; :func:`map_spaces` maps any two frozen spaces,
 e.g. the backbones' own, :class:`PretrainedSpace`). Its objective is read two ways: Fig. 4 is captioned
 "contrastive learning with the same feature semantics", so the default is InfoNCE on the pairs (the joint
-baseline's loss too); the text of Sec. 3.3, "reducing the distance between all feature pairs", is :class:`PairDistanceLoss` (``mapping_loss="distance"``).
+baseline's loss too); the text of Sec. 3.3, "reducing the distance between all feature pairs", is
+:class:`PairDistanceLoss` (``mapping_loss="distance"``).
 
 Also here: caption-to-caption retrieval (:func:`caption_retrieval_metrics`; the other captions of the query's
 image are the relevant ones), used to select the text space and for the cross-dataset test of Table 3's spirit.
