@@ -282,9 +282,9 @@ def test_fit_under_two_processes_ends_like_one_process(distributed_fits, tmp_pat
     assert all(torch.equal(ranks[0][name]["state"][key], ranks[1][name]["state"][key]) for key in model.state_dict())
     # Rank 0 alone validates (each epoch, plus the final one without select_by) and writes each epoch's checkpoint.
     assert [rank_result[name]["validations"] for rank_result in ranks] == [2 + (name == "keep_last"), 0]
-    checkpoint = torch.load(out_dir / name / "last.pt", weights_only=False)
-    written = torch.load(tmp_path / "last.pt", weights_only=False)
-    assert checkpoint["epoch"] == 2 and checkpoint["config"] == written["config"]
+    checkpoint = torch.load(out_dir / name / "last.pt", weights_only=True)
+    written = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["fingerprint"]["config"] == written["fingerprint"]["config"]
     assert_close(checkpoint["model"], written["model"])
 
 
