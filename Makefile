@@ -44,10 +44,10 @@ test: env  ## unit tests, the notebooks in smoke mode (nbval), a strict build of
 smoke-notebooks: env  ## re-execute the smoke references that nbval checks (after changing a notebook)
 	$(BIN)/python tools/smoke_notebooks.py
 
-notebooks: env  ## execute every notebook in place with its default (book) parameters
+notebooks: env  ## execute every notebook in place with its default (book) parameters; the only run that publishes into results/
 	@for nb in $(NOTEBOOKS); do \
 		echo "papermill $$nb"; \
-		$(BIN)/papermill --execution-timeout 3600 --cwd notebooks "$$nb" "$$nb" || exit 1; \
+		XMR_BOOK_RUN=1 $(BIN)/papermill --execution-timeout 3600 --cwd notebooks "$$nb" "$$nb" || exit 1; \
 	done
 
 html: env  ## render the site from the already executed notebooks (assets served locally: works offline)

@@ -438,3 +438,15 @@ def test_notebook_with_a_misspelt_parameter_stops_before_any_work(results, tmp_p
     assert "ParameterError: 3 invalid parameters" in message
     assert "unknown parameter SEED; did you mean SEEDS?" in message and "did you mean 'fast'?" in message
     assert snapshot(results) == before and not (tmp_path / "runs").exists()
+
+
+def test_only_the_book_run_publishes_into_the_repository(tmp_path, monkeypatch):
+    """A run aimed at the repository's results/ publishes there only under `make notebooks` (XMR_BOOK_RUN=1);
+    any other run (papermill by hand, JupyterLab) goes to the user's results folder, so git status stays clean."""
+    monkeypatch.setenv("XMR_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("XMR_RESULTS", str(tmp_path / "mine"))
+    monkeypatch.delenv(runs.BOOK_RUN_ENV, raising=False)
+    assert start_run(PAPER, "cpu", REPOSITORY / "results").results_dir == (tmp_path / "mine").resolve()
+    assert start_run(PAPER, "cpu", tmp_path / "elsewhere").results_dir == (tmp_path / "elsewhere").resolve()
+    monkeypatch.setenv(runs.BOOK_RUN_ENV, "1")
+    assert start_run(PAPER, "cpu", REPOSITORY / "results").results_dir == (REPOSITORY / "results").resolve()

@@ -15,7 +15,9 @@ writes every result file there (``write_result(run.staging_dir, paper_id, f"{run
 ``results/``. Publishing replaces, in ``<results_dir>/<paper_id>/``, exactly the files of the run's tag
 (``<run_tag>_*.json``); other tags and other papers are not touched. Run tags have no ``_``: the underscore
 separates the tag from the run name, and a tag ``cpu`` must not own the files of a tag ``cpu_fast``.
-Smoke runs (tag ``smoke*`` or ``test*``) may not publish into the repository's own ``results/`` folder.
+Smoke runs (tag ``smoke*`` or ``test*``) may not publish into the repository's own ``results/`` folder, and only
+the book's own run (``make notebooks``, which sets ``XMR_BOOK_RUN=1``) publishes there: any other run aimed at it
+publishes into ``$XMR_RESULTS`` (default ``~/.cache/xmr/results``) instead, and says so.
 
 **Publish ordering (no journal).** Under an exclusive ``flock`` on the paper's result folder:
 (1) every staged file is checked (name, JSON ``paper_id`` / ``run_name``); (2) each is copied next to its
@@ -58,6 +60,8 @@ PARAMETER_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 RUN_TAG = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")  # no "_": it separates the tag from the run name
 PLAIN_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 SCRATCH_TAG_PREFIXES = ("smoke", "test")  # such runs never publish into the repository's results/
+BOOK_RUN_ENV = "XMR_BOOK_RUN"  # "1" under `make notebooks`: only the book's own run publishes into results/
+USER_RESULTS_DIR = "~/.cache/xmr/results"  # where any other run aimed at the repository's results/ publishes
 DEFAULT_RUNS_DIR = "~/.cache/xmr/runs"
 
 
@@ -506,6 +510,11 @@ def start_run(paper_id: str, run_tag: str, results_dir: str | os.PathLike) -> Ru
     if run_tag.lower().startswith(SCRATCH_TAG_PREFIXES) and _inside(results, REPOSITORY / "results"):
         raise ValueError(f"a {run_tag!r} run may not publish into the repository's results ({results}); "
                          f"set RESULTS_DIR to a folder outside the repository")
+    if _inside(results, REPOSITORY / "results") and os.environ.get(BOOK_RUN_ENV) != "1":
+        mine = Path(os.path.expanduser(os.environ.get("XMR_RESULTS") or USER_RESULTS_DIR)).resolve()
+        print(f"This run publishes into {mine}, not the book's {results}: the book's results change only under "
+              f"its own command (make notebooks, which sets {BOOK_RUN_ENV}=1).")
+        results = mine
     marker = _marker(results / paper_id, run_tag)
     if marker.exists():
         warnings.warn(f"an earlier publish of {run_tag!r} into {marker.parent} was interrupted: its "
