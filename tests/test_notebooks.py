@@ -43,3 +43,60 @@ def test_smoke_reference_is_current(paper_id):
         f"{reference_path.name} is stale: run `python tools/smoke_notebooks.py {paper_id}`")
     checked = [cell for cell in reference.cells if CHECKED in cell.metadata.get("tags", [])]
     assert checked and all(cell.outputs for cell in checked), "no strictly checked output to compare"
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def _run_smoke(paper_id: str, output: Path, **overrides):
+    import papermill
+    from smoke_notebooks import smoke_parameters
+
+    return papermill.execute_notebook(str(NOTEBOOKS / f"{paper_id}.ipynb"), str(output),
+                                      parameters={**smoke_parameters(paper_id), **overrides}, cwd=str(NOTEBOOKS),
+                                      kernel_name="python3", progress_bar=False, execution_timeout=600)
+
+
+@pytest.fixture
+def results_copy(tmp_path) -> Path:
+    """A copy of the book's results/, for runs that must leave it byte-identical."""
+    import shutil
+
+    return Path(shutil.copytree(REPO / "results", tmp_path / "results"))
+
+
+@pytest.mark.parametrize("paper_id", PAPER_IDS)
+def test_a_misspelt_parameter_stops_the_run_before_any_work(paper_id, results_copy, tmp_path):
+    """`papermill -p EPOCH 3` (papermill only warns) fails in the validation cell, and results/ is untouched."""
+    import papermill
+
+    before = _snapshot(results_copy)
+    with pytest.raises(papermill.PapermillExecutionError, match="unknown parameter EPOCH"):
+        _run_smoke(paper_id, tmp_path / "out.ipynb", RESULTS_DIR=str(results_copy), RUN_TAG="cpu", EPOCH=3)
+    assert _snapshot(results_copy) == before
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"RUN_TAG": "../timofeev2022/cpu"}, "RUN_TAG"),
+    ({"SEEDS": "[0, 1"}, "SEEDS"),
+])
+def test_bad_run_tags_and_lists_are_refused(overrides, message, results_copy, tmp_path):
+    import papermill
+
+    before = _snapshot(results_copy)
+    with pytest.raises(papermill.PapermillExecutionError, match=message):
+        _run_smoke("drcl2024", tmp_path / "out.ipynb", **{"RESULTS_DIR": str(results_copy), **overrides})
+    assert _snapshot(results_copy) == before
+
+
+def test_a_run_that_fails_midway_leaves_results_untouched(results_copy, tmp_path):
+    """A run that passes validation and starts, then fails (here: its data root is empty), publishes nothing."""
+    import papermill
+
+    before = _snapshot(results_copy)
+    (tmp_path / "empty-data").mkdir()
+    with pytest.raises(papermill.PapermillExecutionError):
+        _run_smoke("timofeev2022", tmp_path / "out.ipynb", RESULTS_DIR=str(results_copy), RUN_TAG="cpu",
+                   DATA_ROOT=str(tmp_path / "empty-data"))
+    assert _snapshot(results_copy) == before

@@ -11,10 +11,23 @@ import pytest
 import torch
 
 from xmr.metrics import metrics_from_ranks, retrieval_evaluation
-from xmr.results import (ResultFileError, closed_form_training, load_claims, load_results, load_runs, read_record,
-                         staged_training, validate_record, write_claims, write_result)
+from xmr.results import (
+    COMPARISON_ID,
+    PAPER_IDS,
+    ResultFileError,
+    closed_form_training,
+    load_claims,
+    load_results,
+    load_runs,
+    read_record,
+    staged_training,
+    validate_record,
+    write_claims,
+    write_result,
+)
 
 REPO = Path(__file__).resolve().parents[1]
+COMMITTED = sorted((REPO / "results").glob("*/*.json"))
 TRAINING = {"epochs_budget": 3, "epochs_run": 3, "best_epoch": 2, "stopped_by": "budget", "wall_time_s": 1.0}
 
 
@@ -114,6 +127,39 @@ def test_staged_and_closed_form_training_records():
     assert staged_training({"I": stage, "II": TRAINING})["stopped_by"] == "budget"
     assert staged_training({"I": stage, "II": TRAINING})["epochs_run"] == 6
     assert closed_form_training(0.5)["stopped_by"] == "closed_form"
+
+
+def test_committed_files_exist():
+    assert len(COMMITTED) > 100, "the book's result files are missing"
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_committed_result_file_follows_the_schema(path):
+    record = read_record(path)
+    if record["kind"] != "run":
+        return
+    per_query, metrics = record["per_query"], record["metrics"]
+    if "caption_ranks" in per_query:
+        ranks = per_query["caption_ranks"]
+        assert len(ranks["t2i"]) == len(ranks["i2t"]) * ranks["captions_per_image"]
+        recomputed = metrics_from_ranks(torch.tensor(ranks["i2t"]), torch.tensor(ranks["t2i"]))
+        for key, value in recomputed.items():
+            if key in metrics:
+                assert metrics[key] == pytest.approx(value, abs=1e-9), key
+    for name, values in per_query.get("query_means", {}).items():
+        if name in metrics:
+            assert float(np.mean(values)) == pytest.approx(metrics[name], abs=1e-5), name
+
+
+@pytest.mark.parametrize("paper_id", [*PAPER_IDS, COMPARISON_ID])
+def test_every_paper_publishes_its_claims(paper_id):
+    rows = [row for row in load_claims(REPO / "results") if row["paper_id"] == paper_id]
+    assert rows, f"results/{paper_id}/cpu_claims.json is missing or empty"
+    for row in rows:
+        if row["verdict"] in ("held", "reversed", "within noise"):
+            assert row["interval"] is not None and row["n_seeds"] and min(row["n_seeds"]) >= 1, row["claim_id"]
+        if row["verdict"] == "not testable here":
+            assert row["reason"], row["claim_id"]
 
 
 def test_the_schema_check_itself_can_fail():

@@ -6,7 +6,7 @@ URL, or a public mirror where the original sits behind a form), how archive memb
 ``check`` verifies the unpacked content whatever route the files took.
 
 Checksums. The build machines reach no internet, so no remote archive's SHA-256 could be computed here: every
-:attr:`Resource.sha256` is ``None`` and :attr:`Resource.sha256_note` says so (``fetch`` prints the hash of what it
+``Resource.sha256`` is ``None`` and ``Resource.sha256_note`` says so (``fetch`` prints the hash of what it
 downloaded, to be recorded here). What *is* pinned is the unpacked content: line counts and SHA-256 of the small
 text files (split lists, caption files), array shapes, row and column counts and image counts, all computed
 from the reference copy in ``../shared/data`` (kept in the original formats).
@@ -30,7 +30,7 @@ class Extract:
     ``pattern`` is an ``fnmatch`` pattern matched against the last ``n`` components of a member's path, ``n``
     being the number of components of the pattern (so ``"coco_precomp/test_caps.txt"`` matches
     ``data/coco_precomp/test_caps.txt``). The matched components are written under ``into``. ``convert`` names
-    a converter in :data:`xmr.data.fetch.CONVERTERS` that rewrites the member (name and content) on the way.
+    a converter in ``xmr.data.fetch.CONVERTERS`` that rewrites the member (name and content) on the way.
     macOS metadata (``__MACOSX/``, ``._*``) never matches.
     """
 

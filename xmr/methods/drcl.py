@@ -198,7 +198,7 @@ class ReversibleConsistencyLoss(nn.Module):
 def training_config(max_epochs: int = 200, patience: int | None = 10, batch_size: int = 100, lr: float = 5e-4,
                     seed: int = 0, device: str = "cpu", **changes) -> TrainConfig:
     """The :class:`xmr.train.TrainConfig` of an encoder-training stage (RSC, SDML), as the authors' loop runs
-    it: float32 and no gradient clipping (Adam's betas come from the models: :data:`ADAM_BETAS`); no progress
+    it: float32 and no gradient clipping (Adam's betas come from the models: ``ADAM_BETAS``); no progress
     bars, since a run trains many short stages. Each stage sets its own ``select_by`` and ``select_mode``.
 
     ``max_epochs``: paper 200 (Wikipedia), 300 (XMedia), no early stop. ``batch_size``: paper 1024, which leaves no
@@ -290,7 +290,7 @@ def ablation(settings: DRCLSettings, variant: str) -> tuple[DRCLSettings, str]:
 
 class SPLModel(nn.Module):
     """SPL's network for one modality (Eqs. 1-2): an encoder and a trainable ``W_k`` (d x C, from
-    ``initial_prior``), trained with the GCE at the epoch's hardness ``q`` (set by :meth:`on_epoch_start`)."""
+    ``initial_prior``), trained with the GCE at the epoch's hardness ``q`` (set by ``on_epoch_start``)."""
 
     def __init__(self, input_dim: int, initial_prior: torch.Tensor, settings: DRCLSettings, seed: int = 0):
         super().__init__()
@@ -382,7 +382,7 @@ def select_prior(priors: Mapping[str, PriorLearning]) -> str:
 class RSCModel(nn.Module):
     """RSC's network for one modality (Eqs. 3-8): a fresh encoder trained against the frozen prior ``W*`` with the
     settings' augmentation (FA, the input mixup of Table V #11, or none) and ``J`` of
-    :class:`ReversibleConsistencyLoss` at the epoch's ``q`` (set by :meth:`on_epoch_start`)."""
+    :class:`ReversibleConsistencyLoss` at the epoch's ``q`` (set by ``on_epoch_start``)."""
 
     def __init__(self, input_dim: int, prior: torch.Tensor, settings: DRCLSettings, seed: int = 0):
         super().__init__()
@@ -615,7 +615,7 @@ def run_sdml(data: CrossModalData, hidden_dim: int, embed_dim: int, training: Tr
 
 
 def run_history(run: CrossModalRun) -> list[dict]:
-    """One row per stage, modality and epoch (:attr:`xmr.train.TrainResult.history`): ``stage`` is ``"prior"``
+    """One row per stage, modality and epoch (``TrainResult.history``): ``stage`` is ``"prior"``
     (SPL; its ``val_quality_score`` is Eq. 2 on the training split) or ``"encoder"`` (RSC or SDML; ``val_loss``)."""
     rows = [{"stage": "prior", "modality": name, **row} for name, learned in run.priors.items()
             for row in learned.training.history]
