@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
-from xmr.losses import BarlowTwinsLoss, InfoNCELoss, TripletLoss
+from xmr.losses import BarlowTwinsLoss, InfoNCELoss, SupervisedContrastiveLoss, TripletLoss
 from xmr.methods.coder import DiversityContrastiveLoss
 from xmr.methods.drcl import ReversibleConsistencyLoss, random_orthogonal_prior
 from xmr.methods.icone import InstanceLoss
-from xmr.methods.semantic_unification import SemanticContrastiveLoss
 
 MARGIN, TEMPERATURE, LAMBD, EPS = 0.2, 0.07, 0.0051, 1e-5
 MU, GAMMA, DIVERSITY_EPS = 0.1, 0.3, 0.1
@@ -208,7 +207,7 @@ def _drcl_module(embeddings, targets, prior):
 
 SUM_TRIPLET, MAX_TRIPLET = TripletLoss(MARGIN), TripletLoss(MARGIN, max_violation=True)
 INFONCE, BARLOW_TWINS = InfoNCELoss(TEMPERATURE), BarlowTwinsLoss(LAMBD, EPS)
-DCL, SUPERVISED_CONTRASTIVE = DiversityContrastiveLoss(MU, GAMMA, DIVERSITY_EPS), SemanticContrastiveLoss(0.1)
+DCL, SUPERVISED_CONTRASTIVE = DiversityContrastiveLoss(MU, GAMMA, DIVERSITY_EPS), SupervisedContrastiveLoss(0.1)
 
 
 CASES = [

@@ -1,4 +1,5 @@
 """xmr.claims: calibration and power by simulation, agreement with scipy and a plain bootstrap, and the rules."""
+import dataclasses
 import json
 import math
 
@@ -16,7 +17,9 @@ from xmr.claims import (
     Claim,
     compare,
     judge,
+    judge_both,
     metric_from_caption_ranks,
+    under_human_judgements,
     untestable,
     verdict_table,
 )
@@ -366,7 +369,13 @@ def test_peak():
     other_budget = judge(grid_claim("peak", PEAKED, 0.2, stopped={0.1: "budget"}), per_query=False)
     assert other_budget.verdict == HELD and "under-training artefact" in other_budget.reason
     single = [(0.1, [400.0]), (0.2, [410.0, 411, 409]), (0.5, [404.0, 405, 403])]
-    assert judge(grid_claim("peak", single, 0.2), per_query=False).verdict == NOT_ESTABLISHED
+    undetermined = judge(grid_claim("peak", single, 0.2), per_query=False)
+    assert undetermined.verdict == NOT_ESTABLISHED and undetermined.reason.startswith("0.2 vs 0.1: one seed")
+    # the reason names the decisive pair (the closest rival, 0.5), not the first undetermined one (0.1)
+    both_single = [(0.1, [400.0]), (0.2, [410.0, 411, 409]), (0.5, [409.0])]
+    decisive = judge(grid_claim("peak", both_single, 0.2), per_query=False)
+    assert decisive.verdict == NOT_ESTABLISHED and decisive.reason.startswith("0.2 vs 0.5: one seed")
+    assert "2 of 2 pairs cannot be judged" in decisive.reason
     # lower is better: the smallest median rank is the peak
     medr = [(0.1, [4.0, 4.1, 3.9]), (0.2, [2.0, 2.1, 1.9]), (0.5, [3.0, 3.1, 2.9])]
     assert judge(grid_claim("peak", medr, 0.2, metric="i2t_medr"), per_query=False).verdict == HELD
@@ -461,3 +470,31 @@ def test_validation():
 
 def test_times_in_seconds_are_lower_is_better():
     assert claims.lower_is_better("time_to_best_s") and claims.lower_is_better("training_time_s")
+
+
+def test_judge_both_says_when_the_protocols_disagree():
+    """Arm a beats arm b with the paired captions only; with the judged pairs as positives both find a correct
+    caption first for every image, so the human-judged claim is within noise, and both reasons say so."""
+    rng = np.random.default_rng(0)
+
+    def run(name, hit_rate):
+        i2t = np.where(rng.random(200) < hit_rate, 0, 20)
+        t2i = np.where(rng.random(200 * CAPTIONS) < hit_rate, 0, 20)
+        record = ranks_run(name, i2t, t2i)
+        zeros = {"captions_per_image": CAPTIONS, "i2t": [0] * 200, "t2i": [0] * (200 * CAPTIONS)}
+        record["per_query"]["extended_ranks"] = {"expert": zeros}
+        return record
+
+    better = [run(f"a{k}", rate) for k, rate in enumerate((0.70, 0.72, 0.68))]
+    worse = [run(f"b{k}", rate) for k, rate in enumerate((0.30, 0.33, 0.28))]
+    claim = Claim("paper", "a-over-b", "Table 1", "a > b", None, "rsum", better=better, worse=worse)
+    standard, human = judge_both(claim, n_boot=500)
+    assert standard.verdict == HELD and human.verdict == WITHIN_NOISE
+    assert human.claim_id == "a-over-b-expert" and human.metric == "expert_rsum"
+    assert human.comparison.gap == pytest.approx(0.0)
+    for verdict in (standard, human):
+        assert "the protocols disagree: held with the paired captions only, within noise with expert" in verdict.reason
+    with pytest.raises(ValueError, match="only caption-retrieval metrics"):
+        under_human_judgements(dataclasses.replace(claim, metric="map_all_avg"))
+    with pytest.raises(ValueError, match="cannot be computed"):  # a run without extended ranks is named
+        judge(under_human_judgements(claim, "crowd"), n_boot=100)

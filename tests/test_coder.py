@@ -1,5 +1,6 @@
 """CODER (coder2022): diversity (Eq. 3), DCL (Eqs. 4-5) and M-DCL (Eq. 6) against plain-loop references, the
-momentum queue and update, k-means against scikit-learn, the prototype head (Eq. 7)."""
+momentum queue and update, the prototype head (Eq. 7), the model (Eq. 8) and run_coder's Outcome. k-means:
+test_cluster.py."""
 import dataclasses
 import math
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmr.data import PairedFeatures
+from xmr.data import CaptionInputs, PairedFeatures
 from xmr.encoders import count_trainable_parameters, masked_mean, sort_regions
 from xmr.methods.coder import (
     PAPER_ID,
@@ -22,13 +23,13 @@ from xmr.methods.coder import (
     concept_cooccurrence,
     concept_word_vectors,
     diversity_scores,
-    kmeans,
     mine_concepts,
     momentum_encoder,
     momentum_update,
     raw_diversity,
     run_coder,
 )
+from xmr.outcome import Outcome
 from xmr.results import paper_numbers
 from xmr.train import RetrievalValidator, TrainConfig, fit
 
@@ -341,55 +342,7 @@ def test_momentum_update_formula_and_frozen_key_encoder(generator):
         torch.testing.assert_close(new, q)
 
 
-# --- k-means and the prototype head (Eq. 7) ---------------------------------------------------------------
-
-def _blobs(generator, per_cluster=40, num_clusters=5, dim=6):
-    centres = torch.randn(num_clusters, dim, generator=generator) * 10
-    points = centres.repeat_interleave(per_cluster, 0) + 0.3 * torch.randn(per_cluster * num_clusters, dim,
-                                                                           generator=generator)
-    order = torch.randperm(len(points), generator=generator)
-    return points[order], torch.arange(num_clusters).repeat_interleave(per_cluster)[order]
-
-
-def _same_partition(a: torch.Tensor, b) -> bool:
-    """True when two labelings agree up to a relabeling (a bijection between cluster ids)."""
-    pairs = set(zip(a.tolist(), list(b)))
-    return len(pairs) == len(set(a.tolist())) == len(set(list(b)))
-
-
-@pytest.mark.parametrize("init", ["k-means++", "random"])
-def test_kmeans_agrees_with_scikit_learn(generator, init):
-    sklearn_cluster = pytest.importorskip("sklearn.cluster")
-    points, truth = _blobs(generator)
-    ours = kmeans(points, 5, iterations=50, init=init, seed=1, restarts=1 if init == "k-means++" else 10)
-    theirs = sklearn_cluster.KMeans(n_clusters=5, n_init=10, random_state=0).fit(points.numpy())
-    assert _same_partition(ours.labels, theirs.labels_.tolist())
-    assert _same_partition(ours.labels, truth.tolist())
-    assert ours.inertia == pytest.approx(float(theirs.inertia_), rel=1e-4)
-    assert ours.centroids.shape == (5, 6) and ours.labels.shape == (200,)
-
-
-def test_kmeans_is_seeded_and_handles_cosine_and_duplicates(generator):
-    points, truth = _blobs(generator)
-    first, second = kmeans(points, 5, seed=3), kmeans(points, 5, seed=3)
-    assert torch.equal(first.labels, second.labels)
-    directions = torch.cat([torch.randn(1, 6, generator=generator) * s for s in (1, 5)]).repeat(30, 1)
-    spherical = kmeans(directions + 1e-3 * torch.randn(60, 6, generator=generator), 1, metric="cosine")
-    assert spherical.labels.unique().numel() == 1  # one direction at two scales: one cluster under cosine
-    same = torch.ones(10, 3)  # all points equal, more clusters than distinct points: no crash, no NaN
-    result = kmeans(same, 3)
-    assert bool(torch.isfinite(result.centroids).all()) and result.inertia == 0
-
-
-def test_kmeans_warm_start_keeps_cluster_ids(generator):
-    points, _ = _blobs(generator)
-    first = kmeans(points, 5, seed=0)
-    moved = points + 0.05 * torch.randn(points.shape, generator=generator)  # features drift a little
-    again = kmeans(moved, 5, initial_centroids=first.centroids)
-    assert torch.equal(again.labels, first.labels)  # same ids, not only the same partition
-    with pytest.raises(ValueError):
-        kmeans(points, 4, initial_centroids=first.centroids)
-
+# --- the prototype head (Eq. 7) ------------------------------------------------------------------------------
 
 def test_prototype_loss_matches_loop_reference(generator):
     image = torch.randn(4, 3, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -574,6 +527,26 @@ def test_gpo_aggregation_trains_every_aggregator_and_presorted_inputs_change_not
         model.encode_image(image)  # pooled inputs
 
 
+def test_backbone_features_are_what_each_modalitys_aggregators_read(generator):
+    image, text, captions = _toy_split(generator)
+    regions, tokens, mask = _toy_regions(generator, image, text)
+    mean = _toy_model(generator, captions).eval()
+    features, no_mask = mean.image_backbone_features(regions)  # "mean": the pooled features, no mask
+    assert no_mask is None and features.shape == (24, 16)
+    torch.testing.assert_close(features, regions.mean(dim=1))
+    features, no_mask = mean.text_backbone_features(tokens, mask)
+    assert no_mask is None and features.shape == (120, 8)
+    torch.testing.assert_close(features, masked_mean(tokens, mask))
+    gpo = _toy_model(generator, captions, aggregation="gpo").eval()
+    for got, want in ((gpo.image_backbone_features(regions), sort_regions(regions)),
+                      (gpo.text_backbone_features(tokens, mask), sort_regions(tokens, mask))):
+        assert got[0].shape == want[0].shape and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(gpo.encode_text_instances(tokens, mask),
+                               F.normalize(gpo.text_head(*sort_regions(tokens, mask)), dim=-1))
+    with pytest.raises(ValueError, match="region/token"):
+        gpo.text_backbone_features(text)  # pooled caption inputs
+
+
 def test_mean_aggregation_reads_regions_as_their_mean(generator):
     image, text, captions = _toy_split(generator)
     regions, tokens, mask = _toy_regions(generator, image, text)
@@ -666,8 +639,6 @@ def test_paper_numbers_cover_the_tables():
 
 
 def test_run_coder_is_seeded_by_the_config_and_clusters_when_it_has_prototypes(generator):
-    from xmr.experiment import CaptionInputs
-
     image, text, captions = _toy_split(generator)
     words = torch.randn(6, 5, generator=generator)
     inputs = CaptionInputs(image, text)
@@ -681,3 +652,9 @@ def test_run_coder_is_seeded_by_the_config_and_clusters_when_it_has_prototypes(g
     assert not torch.equal(other.model.image_head.projection.net[-1].weight,
                            first.model.image_head.projection.net[-1].weight)
     assert first.trainable_parameters == count_trainable_parameters(first.model)
+    assert isinstance(first, Outcome) and list(first.stages) == ["train"] and first.device == "cpu"
+    assert first.training is first.stages["train"] and first.history == first.training.history
+    parameters = first.parameters  # the settings with the config's seed, the config, and run_coder's own options
+    assert parameters["seed"] == 3 and parameters["num_clusters"] == 4 and parameters["max_epochs"] == 1
+    assert (parameters["caption_choice"], parameters["image_top"], parameters["text_top"]) == ("all", 0, 0)
+    assert set(dataclasses.asdict(settings)) | set(dataclasses.asdict(config)) <= set(parameters)

@@ -19,10 +19,10 @@ from torch import nn
 from xmr import distributed
 from xmr.data.paired import PairedFeatures
 from xmr.distributed import GatheredLoss, ShardedBatchSampler, TrainingStep, gather_with_grad, scale_gradient
-from xmr.losses import BarlowTwinsLoss, InfoNCELoss, TripletLoss
+from xmr.losses import BarlowTwinsLoss, InfoNCELoss, SupervisedContrastiveLoss, TripletLoss
 from xmr.methods.drcl import ReversibleConsistencyLoss
 from xmr.methods.icone import IConELoss, InstanceLoss
-from xmr.methods.semantic_unification import PairDistanceLoss, SemanticContrastiveLoss
+from xmr.methods.semantic_unification import PairDistanceLoss
 from xmr.train import RetrievalValidator, TrainConfig, _epoch_loader, fit
 
 WORLD = 2
@@ -69,8 +69,8 @@ LOSS_CASES = {
     "barlow_twins": (lambda: BarlowTwinsLoss(), _raw_pair),
     "icone": (lambda: IConELoss(InstanceLoss(CLASSES, DIM)), _raw_pair_labels),
     "icone_literal_eq6": (lambda: IConELoss(InstanceLoss(CLASSES, DIM), literal_eq6=True), _raw_pair_labels),
-    "semantic_contrastive": (lambda: SemanticContrastiveLoss(), _one_modality),
-    "semantic_contrastive_printed": (lambda: SemanticContrastiveLoss(printed_formula=True), _one_modality),
+    "semantic_contrastive": (lambda: SupervisedContrastiveLoss(), _one_modality),
+    "semantic_contrastive_printed": (lambda: SupervisedContrastiveLoss(printed_formula=True), _one_modality),
     "pair_distance": (lambda: PairDistanceLoss(), _normalised_pair),
     "drcl_reversible_consistency": (_drcl_loss, _drcl),
 }

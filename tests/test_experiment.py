@@ -1,21 +1,18 @@
-"""The dual-encoder recipe end to end on a few real Flickr8k images: inputs, training, result file."""
-import json
+"""The dual-encoder recipe end to end on a few real Flickr8k images: inputs, training, result file; the result
+file of any Outcome (xmr.outcome.record) read back by xmr.results.read_record."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from xmr.data import load_flickr8k
-from xmr.encoders import ImageBackbone, TextBackbone
-from xmr.experiment import (
-    DualEncoderSettings,
-    build_dual_encoder,
-    load_caption_inputs,
-    record_outcome,
-    run_dual_encoder,
-)
-from xmr.features import ExtractionSettings, FeatureCache
+from xmr.data import CaptionInputs, load_flickr8k
+from xmr.encoders import IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, ImageBackbone, TextBackbone, sort_region_inputs
+from xmr.experiment import DualEncoderSettings, build_dual_encoder, run_dual_encoder
+from xmr.features import ExtractionSettings, FeatureCache, load_caption_inputs
 from xmr.methods.coder import CODERSettings, run_coder
+from xmr.outcome import Outcome, record
+from xmr.results import read_record
 from xmr.train import TrainConfig
 
 
@@ -37,7 +34,7 @@ def test_region_inputs_sort_once_and_feed_gpo_towers(data_root, settings):
     assert regions.image.dtype == torch.float16 and regions.text_mask.shape == regions.text.shape[:2]
     pooled = load_caption_inputs("test", num_images=6, root=data_root, settings=settings)
     torch.testing.assert_close(regions.image.float().mean(dim=1), pooled.image, atol=2e-3, rtol=2e-3)  # the grid's mean
-    ordered = regions.sorted_regions(chunk=4)
+    ordered = sort_region_inputs(regions, chunk=4)
     assert ordered.image.dtype == torch.float16
     assert bool((ordered.image[:, 1:] <= ordered.image[:, :-1]).all())
     torch.manual_seed(0)
@@ -45,8 +42,8 @@ def test_region_inputs_sort_once_and_feed_gpo_towers(data_root, settings):
     torch.testing.assert_close(model.encode_image(ordered.image), model.encode_image(regions.image))
     torch.testing.assert_close(model.encode_text(ordered.text, ordered.text_mask),
                                model.encode_text(regions.text, regions.text_mask))
-    with pytest.raises(ValueError, match="region/token"):
-        pooled.sorted_regions()
+    with pytest.raises(ValueError, match="sort_region_inputs needs region/token inputs"):
+        sort_region_inputs(pooled)
     mixed = load_caption_inputs("test", image_top=1, num_images=6, root=data_root, settings=settings, regions=True)
     assert mixed.image.shape == (6, 192, 7, 7) and torch.equal(mixed.text, regions.text)  # lower image, tokens
     with pytest.raises(ValueError, match="pooling"):
@@ -63,6 +60,7 @@ def test_coder_fine_tunes_the_backbone_tops_on_cached_activations(data_root, set
     config = TrainConfig(max_epochs=1, batch_size=10, lr=1e-3, device="cpu", progress=False)
     outcome = run_coder(coder, config, inputs, inputs, inputs, captions, torch.randn(5, 16), image_top=1, text_top=1)
     assert math.isfinite(outcome.test_metrics["rsum"]) and outcome.training.best_epoch == 1
+    assert outcome.parameters["image_top"] == 1 and outcome.parameters["aggregation"] == aggregation
     for upper, pretrained in ((outcome.model.image_backbone.upper, ImageBackbone(trainable_top=1)),
                               (outcome.model.text_backbone.upper, TextBackbone(trainable_top=1))):
         trained = dict(upper.named_parameters())
@@ -87,13 +85,14 @@ def test_run_and_record(data_root, settings, tmp_path):
     model_settings = DualEncoderSettings(loss="infonce", embed_dim=16)
     config = TrainConfig(max_epochs=2, batch_size=8, lr=1e-3, progress=False, device="cpu")
     outcome = run_dual_encoder(model_settings, config, train, dev, test)
+    assert isinstance(outcome, Outcome) and list(outcome.stages) == ["train"]
     assert set(outcome.test_metrics) >= {"i2t_r1", "t2i_r10", "rsum"}
     assert outcome.trainable_parameters == (1280 + 1) * 16 + (384 + 1) * 16
-    path = record_outcome(tmp_path, "timofeev2022", "smoke_infonce", outcome, model_settings, config)
-    record = json.loads(path.read_text())
-    assert record["parameters"]["loss"] == "infonce" and record["parameters"]["max_epochs"] == 2
-    assert record["metrics"]["rsum"] == pytest.approx(outcome.test_metrics["rsum"])
-    assert len(record["history"]) == 2 and record["trainable_parameters"] == outcome.trainable_parameters
+    path = record(tmp_path, "timofeev2022", "smoke_infonce", outcome)
+    written = read_record(path)
+    assert written["parameters"]["loss"] == "infonce" and written["parameters"]["max_epochs"] == 2
+    assert written["metrics"]["rsum"] == pytest.approx(outcome.test_metrics["rsum"])
+    assert len(written["history"]) == 2 and written["trainable_parameters"] == outcome.trainable_parameters
     # Same seed, same result: the recipe is deterministic on CPU.
     again = run_dual_encoder(model_settings, config, train, dev, test)
     assert again.test_metrics == outcome.test_metrics
@@ -118,3 +117,42 @@ def test_new_queries_embed_like_the_cached_split(data_root, settings):
                                    images[:2], atol=2e-3, rtol=0)  # the cache stores float16
         torch.testing.assert_close(encode_new_captions(model, model_settings, list(split.captions[:2])),
                                    texts[:2], atol=2e-3, rtol=0)
+
+
+def _synthetic_split(generator, num_images):
+    """Pooled inputs of the backbones' sizes where each image's captions lie near it (its first dimensions)."""
+    image = torch.randn(num_images, IMAGE_FEATURE_DIM, generator=generator)
+    text = image[:, :TEXT_FEATURE_DIM].repeat_interleave(5, 0)
+    text = text + 0.5 * torch.randn(text.shape, generator=generator)
+    return CaptionInputs(image, text)
+
+
+def test_record_writes_a_file_read_record_reads_back(generator, tmp_path):
+    train, dev, test = (_synthetic_split(generator, size) for size in (16, 8, 8))
+    model_settings = DualEncoderSettings(embed_dim=8)
+    config = TrainConfig(max_epochs=2, batch_size=8, lr=1e-3, progress=False, device="cpu")
+    outcome = run_dual_encoder(model_settings, config, train, dev, test)
+    assert outcome.parameters == {**dataclasses.asdict(model_settings), **dataclasses.asdict(config)}
+    path = record(tmp_path, "timofeev2022", "synthetic", outcome, extra_parameters={"note": "synthetic"})
+    assert path == tmp_path / "timofeev2022" / "synthetic.json"
+    written = read_record(path)
+    assert (written["paper_id"], written["run_name"], written["split"]) == ("timofeev2022", "synthetic", "test")
+    assert written["parameters"]["note"] == "synthetic" and written["parameters"]["embed_dim"] == 8
+    metrics = written["metrics"]
+    assert {name: metrics[name] for name in outcome.test_metrics} == pytest.approx(outcome.test_metrics)
+    validation = {name: value for name, value in metrics.items() if name.startswith("val_")}
+    assert validation == pytest.approx({f"val_{name}": value for name, value in outcome.training.best_metrics.items()})
+    assert validation["val_rsum"] == pytest.approx(outcome.training.best_metrics["rsum"]) and len(validation) > 1
+    assert written["training"] == pytest.approx(outcome.training_record())
+    assert written["training"]["best_epoch"] == outcome.training.best_epoch
+    assert written["training"]["pairs_per_second"] == pytest.approx(outcome.training.pairs_per_second)
+    assert written["per_query"] == outcome.per_query
+    assert len(written["per_query"]["caption_ranks"]["t2i"]) == 40
+    assert len(written["history"]) == 2 and written["trainable_parameters"] == outcome.trainable_parameters
+    # Two stages: the training record holds each stage's, the history numbers the epochs on.
+    staged = Outcome(outcome.model, outcome.parameters, {"warmup": outcome.training, "main": outcome.training},
+                     outcome.test_metrics, outcome.per_query, outcome.trainable_parameters, "cpu")
+    written = read_record(record(tmp_path, "timofeev2022", "synthetic_staged", staged))
+    assert list(written["training"]["stages"]) == ["warmup", "main"] and written["training"]["epochs_run"] == 4
+    assert [row["epoch"] for row in written["history"]] == [1, 2, 3, 4]
+    assert [row["stage"] for row in written["history"]] == ["warmup", "warmup", "main", "main"]

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from xmr.data import make_synthetic_image_captions
+from xmr.data import CaptionInputs, make_synthetic_image_captions
 from xmr.encoders import IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, DualEncoder, ProjectionHead, TextBackbone, Tower
-from xmr.experiment import CaptionInputs, DualEncoderSettings
+from xmr.experiment import DualEncoderSettings
 from xmr.explore import RetrievalExplorer, TrainedModel
 
 

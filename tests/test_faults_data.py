@@ -33,7 +33,8 @@ from xmr.data import (
 )
 from xmr.data.labelled_views import UCI_MFEAT_VIEW_FILES
 from xmr.data.test_captions import load_test_captions
-from xmr.features import STALE_TEMPORARY_SECONDS, ExtractionSettings, FeatureCache, _writer_tag, image_features
+from xmr.features import STALE_TEMPORARY_SECONDS, ExtractionSettings, FeatureCache, image_features
+from xmr.io import writer_tag
 
 REPO = Path(__file__).resolve().parents[1]
 REDOWNLOAD = "download it again"
@@ -146,7 +147,7 @@ def _finished_process_id() -> int:
 
 
 def test_stale_temporary_files_are_removed_and_live_writers_kept(tmp_path):
-    host = _writer_tag().rsplit("-", 1)[0]
+    host = writer_tag().rsplit("-", 1)[0]
     live_writer = subprocess.Popen(["sleep", "60"])
     try:
         dead = tmp_path / f".a.pt.{host}-{_finished_process_id()}.k2j4h5g6.tmp"  # fresh, but its writer is gone

@@ -1,13 +1,16 @@
 """IConE (icone2024): the shared instance classifier, the objective against plain-loop references, the stage switch."""
 import dataclasses
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from xmr.data import CaptionInputs
 from xmr.losses import InfoNCELoss
 from xmr.methods.icone import (
+    PAPER_ID,
     IConELoss,
     IConESettings,
     InstanceLoss,
@@ -15,11 +18,11 @@ from xmr.methods.icone import (
     Stage,
     build_icone_model,
     enter_stage,
-    joint_space_silhouette,
     literal_eq6_image_to_text,
     paper_stages,
     run_schedule,
 )
+from xmr.outcome import record
 from xmr.train import TrainConfig
 
 DTYPES = (torch.float32, torch.float64)
@@ -292,6 +295,27 @@ def test_scratch_text_encoder_trains_in_both_stages_and_carries_over(kind):
     torch.testing.assert_close(first.encode_text(ids[:, :3].float(), mask[:, :3]), first.encode_text(ids.float(), mask))
 
 
+# --- the schedule as an Outcome -------------------------------------------------------------------------------
+
+def test_continued_schedule_is_one_outcome_whose_result_file_holds_every_stage(tmp_path, generator):
+    def split(num_images):  # frozen encoders: pooled features
+        return CaptionInputs(torch.randn(num_images, 1280, generator=generator),
+                             torch.randn(5 * num_images, 384, generator=generator))
+
+    data = {"train": split(12), "dev": split(4), "test": split(4)}
+    settings, config = IConESettings(embed_dim=8), TrainConfig(batch_size=4, progress=False, device="cpu")
+    first = run_schedule(settings, [Stage("I", 1, 1e-3, 1.0, 0.0)], config, lambda tops: data)
+    both = run_schedule(settings, [Stage("II", 2, 1e-3, 1.0, 1.0)], config, lambda tops: data, start=first)
+    assert both.training_time_s == pytest.approx(first.training_time_s + sum(
+        row["train_time_s"] for row in both.training.history))
+    written = json.loads(record(tmp_path, PAPER_ID, "test_schedule", both).read_text())
+    assert list(written["training"]["stages"]) == ["1_I", "2_II"] and written["training"]["epochs_run"] == 3
+    assert [stage["name"] for stage in written["parameters"]["stages"]] == ["I", "II"]
+    assert written["metrics"]["val_rsum"] == pytest.approx(both.training.best_metrics["rsum"])
+    assert written["trainable_parameters"] == both.trainable_parameters == (1280 + 1) * 8 + (384 + 1) * 8 + 12 * 8
+    assert [row["stage"] for row in written["history"]] == ["1_I", "2_II", "2_II"]
+
+
 # --- on real cached inputs ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -303,7 +327,7 @@ def extraction(tmp_path_factory):
 
 def test_switched_model_on_top_inputs_embeds_like_stage_one_on_pooled_features(data_root, extraction):
     """Frozen encoders give the cached pooled features, so Stage I on them and the switched top-1 model agree."""
-    from xmr.experiment import load_caption_inputs
+    from xmr.features import load_caption_inputs
     from xmr.train import encode
 
     pooled = load_caption_inputs("test", num_images=3, root=data_root, settings=extraction)
@@ -319,7 +343,7 @@ def test_switched_model_on_top_inputs_embeds_like_stage_one_on_pooled_features(d
 
 
 def test_two_stage_schedule_runs_and_only_stage_two_moves_the_tops(data_root, extraction):
-    from xmr.experiment import load_caption_inputs
+    from xmr.features import load_caption_inputs
 
     cache = {}
 
@@ -334,11 +358,13 @@ def test_two_stage_schedule_runs_and_only_stage_two_moves_the_tops(data_root, ex
     stage_one, stage_two = paper_stages(2, 1, image_top=1, text_top=1)
     stage_one = dataclasses.replace(stage_one, captions="all")  # 80 pairs an epoch: 10 steps of 8
     first = run_schedule(settings, [stage_one], config, inputs)
-    assert len(first.training[0].step_losses) == 2 * 10
+    assert list(first.stages) == ["1_I"] and len(first.training.step_losses) == 2 * 10
     assert first.model.num_classes == 16 and first.trainable_parameters == (1280 + 1) * 8 + (384 + 1) * 8 + 16 * 8
     full = run_schedule(settings, [stage_two], config, inputs, start=first)
-    assert [stage.name for stage in full.stages] == ["I", "II"] and len(full.training) == 2
-    assert [row["epoch"] for row in full.history] == [1, 2, 3] and full.history[-1]["stage"] == "II"
+    assert full.schedule == [stage_one, stage_two] and list(full.stages) == ["1_I", "2_II"]
+    assert full.stages["1_I"] is first.training and first.schedule == [stage_one]  # start is not changed
+    assert [stage["name"] for stage in full.parameters["stages"]] == ["I", "II"] and full.parameters["embed_dim"] == 8
+    assert [row["epoch"] for row in full.history] == [1, 2, 3] and full.history[-1]["stage"] == "2_II"
     assert {"train_instance", "train_contrastive"} <= set(full.history[-1])
     pretrained = enter_stage(first.model, stage_two, settings)
     moved = [name for name, value in full.model.state_dict().items()
@@ -349,12 +375,3 @@ def test_two_stage_schedule_runs_and_only_stage_two_moves_the_tops(data_root, ex
     # Deterministic: the same seed gives the same Stage I model.
     again = run_schedule(settings, [stage_one], config, inputs)
     assert again.test_metrics == first.test_metrics
-
-
-def test_silhouette_is_high_for_tight_groups_and_low_for_mixed_ones(generator):
-    centres = torch.randn(4, 16, generator=generator) * 5
-    image = centres + 0.01 * torch.randn(4, 16, generator=generator)
-    text = centres.repeat_interleave(5, dim=0) + 0.01 * torch.randn(20, 16, generator=generator)
-    assert joint_space_silhouette(image, text) > 0.9
-    assert joint_space_silhouette(torch.randn(4, 16, generator=generator),
-                                  torch.randn(20, 16, generator=generator)) < 0.2

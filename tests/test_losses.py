@@ -1,4 +1,5 @@
-"""Losses against plain-loop references (values and gradients, float32/float64) and hand-computed cases."""
+"""Losses against plain-loop references (values and gradients, float32/float64) and hand-computed cases, among them
+shi2024's within-modality loss and the degeneracy of its printed Eq. (2)."""
 import math
 
 import pytest
@@ -6,7 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmr.losses import LOSSES, BarlowTwinsLoss, InfoNCELoss, TripletLoss, make_loss
+from xmr.losses import (
+    LOSSES,
+    BarlowTwinsLoss,
+    InfoNCELoss,
+    SupervisedContrastiveLoss,
+    TripletLoss,
+    make_loss,
+    printed_term_of_cosine,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Plain-loop references: one scalar at a time, straight from the equations. Each returns the same keys as
@@ -401,6 +410,167 @@ def test_barlow_twins_standardises_like_batchnorm_without_affine():
     scale = torch.linspace(0.5, 4.0, 16, dtype=torch.float64)
     no_eps = BarlowTwinsLoss(0.0051, eps=0.0)
     torch.testing.assert_close(no_eps(image * scale + 1.5, text)["loss"], no_eps(image, text)["loss"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Supervised contrastive loss (shi2024 Eqs. 2/4, the faithful reading) and the printed Eq. (2)
+# ----------------------------------------------------------------------------------------------------------
+
+def reference_supervised_contrastive(features, labels, temperature):
+    """SupCon L_out (Khosla et al. 2020, Eq. 2), averaged over anchors that have a positive."""
+    count = len(features)
+    total, anchors = 0.0, 0
+    for i in range(count):
+        positives = [p for p in range(count) if p != i and labels[p] == labels[i]]
+        if not positives:
+            continue
+        denominator = 0.0
+        for a in range(count):
+            if a != i:
+                denominator = denominator + torch.exp(dot(features[i], features[a]) / temperature)
+        anchor = 0.0
+        for p in positives:
+            anchor = anchor - torch.log(torch.exp(dot(features[i], features[p]) / temperature) / denominator)
+        total, anchors = total + anchor / len(positives), anchors + 1
+    return total / anchors if anchors else features.sum() * 0.0
+
+
+def reference_printed(features, labels=None):
+    """shi2024 Eq. (2) as printed: sum_i | Euclidean(F_i, F_{i+1}) + dot(F_i, F_{i+1}) | over consecutive set
+    members."""
+    total = 0.0
+    for i in range(len(features) - 1):
+        if labels is not None and labels[i] != labels[i + 1]:
+            continue
+        difference = features[i] - features[i + 1]
+        total = total + torch.abs(torch.sqrt(dot(difference, difference)) + dot(features[i], features[i + 1]))
+    return total
+
+
+def unit_features(count, dim, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(count, dim, generator=generator, dtype=dtype), dim=-1).requires_grad_()
+
+
+def check_labelled_against(reference, loss, features, labels, dtype):
+    """The loss and its gradient equal the reference's, on one (N, D) tensor with set labels."""
+    ours = loss(features, labels)["loss"]
+    copy = features.detach().clone().requires_grad_()
+    theirs = reference(copy, labels)
+    theirs = theirs if torch.is_tensor(theirs) else torch.tensor(theirs, dtype=dtype)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, theirs.to(dtype), **tolerance(dtype))
+    (grad_ours,) = gradients(ours, (features,))
+    (grad_theirs,) = gradients(theirs, (copy,))
+    torch.testing.assert_close(grad_ours, grad_theirs, **tolerance(dtype))
+
+
+LABEL_SETS = {
+    "pairs": [0, 0, 1, 1, 2, 2],
+    "captions of 2 images": [0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
+    "an anchor without positive": [0, 0, 1, 2, 2, 3],
+    "all one set": [4, 4, 4, 4],
+    "no positives": [0, 1, 2],
+    "one item": [0],
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(LABEL_SETS))
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_supervised_contrastive_matches_reference(dtype, name, temperature):
+    labels = torch.tensor(LABEL_SETS[name])
+    features = unit_features(len(labels), 5, dtype)
+    check_labelled_against(lambda f, y: reference_supervised_contrastive(f, y, temperature),
+                           SupervisedContrastiveLoss(temperature), features, labels, dtype)
+
+
+def test_supervised_contrastive_hand_computed():
+    # a = (1, 0) and b = (0, 1) share a label, c = (-1, 0) does not; temperature 1.
+    loss = SupervisedContrastiveLoss(temperature=1.0)(angles(0, 90, 180), torch.tensor([0, 0, 1]))["loss"]
+    anchor_a = math.log(1 + math.exp(-1))  # -log(e^0 / (e^0 + e^-1))
+    anchor_b = math.log(2)  # -log(e^0 / (e^0 + e^0)); c has no positive and is not an anchor
+    assert float(loss) == pytest.approx((anchor_a + anchor_b) / 2, abs=1e-12)
+
+
+def test_supervised_contrastive_without_positives_is_zero_with_zero_gradient():
+    features = unit_features(3, 4, torch.float64)
+    loss = SupervisedContrastiveLoss()(features, torch.tensor([0, 1, 2]))["loss"]
+    (gradient,) = torch.autograd.grad(loss, features)
+    assert float(loss.detach()) == 0.0 and torch.equal(gradient, torch.zeros_like(gradient))
+
+
+def test_supervised_contrastive_prefers_aligned_positives():
+    loss = SupervisedContrastiveLoss(temperature=0.1)
+
+    def with_positive_at(degrees):
+        return float(loss(angles(0, degrees, 90), torch.tensor([0, 0, 1]))["loss"])
+
+    assert with_positive_at(0) < with_positive_at(90) < with_positive_at(180)
+
+
+def test_supervised_contrastive_needs_labels_and_checks_shapes():
+    with pytest.raises(ValueError, match="labels"):
+        SupervisedContrastiveLoss()(unit_features(3, 2, torch.float32))
+    with pytest.raises(ValueError, match="shape"):
+        SupervisedContrastiveLoss()(unit_features(3, 2, torch.float32), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="temperature"):
+        SupervisedContrastiveLoss(temperature=0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(LABEL_SETS))
+def test_printed_formula_matches_reference(dtype, name):
+    labels = torch.tensor(LABEL_SETS[name])
+    features = unit_features(len(labels), 5, dtype, seed=1)
+    check_labelled_against(reference_printed, SupervisedContrastiveLoss(printed_formula=True), features, labels,
+                           dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_printed_formula_without_labels_uses_every_consecutive_pair(dtype):
+    features = unit_features(6, 3, dtype, seed=2)
+    check_labelled_against(lambda f, y: reference_printed(f), SupervisedContrastiveLoss(printed_formula=True),
+                           features, None, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_printed_formula_is_degenerate(dtype):
+    """Identical and opposite unit vectors cost the same: the printed loss cannot tell a positive pair from an
+    opposite one; its per-pair maximum is in between, at cosine 1/2."""
+    loss = SupervisedContrastiveLoss(printed_formula=True)
+    labels = torch.tensor([0, 0])
+    same = torch.tensor([[0.6, 0.8], [0.6, 0.8]], dtype=dtype)
+    opposite = torch.tensor([[0.6, 0.8], [-0.6, -0.8]], dtype=dtype)
+    assert float(loss(same, labels)["loss"]) == pytest.approx(1.0, abs=1e-12)
+    assert float(loss(opposite, labels)["loss"]) == pytest.approx(1.0, abs=1e-12)
+    cosines = torch.tensor([-1.0, 0.0, 0.5, 1.0], dtype=dtype)
+    torch.testing.assert_close(printed_term_of_cosine(cosines),
+                               torch.tensor([1.0, math.sqrt(2), 1.5, 1.0], dtype=dtype))
+    # the SupCon reading separates the two cases
+    supcon = SupervisedContrastiveLoss(temperature=0.1)
+    negative = torch.tensor([[0.8, -0.6]], dtype=dtype)
+    assert float(supcon(torch.cat([same, negative]), torch.tensor([0, 0, 1]))["loss"]) < float(
+        supcon(torch.cat([opposite, negative]), torch.tensor([0, 0, 1]))["loss"])
+
+
+def test_printed_formula_is_minimised_by_collapse():
+    """Every term is at least 1 on the unit sphere, and all features on one point reach that minimum."""
+    loss = SupervisedContrastiveLoss(printed_formula=True)
+    features = unit_features(50, 8, torch.float64, seed=3)
+    labels = torch.zeros(50, dtype=torch.long)
+    collapsed = F.normalize(torch.ones(50, 8, dtype=torch.float64), dim=-1)
+    assert float(loss(collapsed, labels)["loss"]) == pytest.approx(49.0, abs=1e-9)
+    assert float(loss(features, labels)["loss"].detach()) > 49.0
+    cosines = torch.linspace(-1, 1, 2001, dtype=torch.float64)
+    assert float(printed_term_of_cosine(cosines).min()) >= 1.0 - 1e-12
+
+
+def test_printed_formula_gradient_is_finite_at_identical_features():
+    features = torch.tensor([[1.0, 0.0], [1.0, 0.0]], requires_grad=True)
+    loss = SupervisedContrastiveLoss(printed_formula=True)(features, torch.tensor([0, 0]))["loss"]
+    (gradient,) = torch.autograd.grad(loss, features)
+    assert torch.isfinite(gradient).all()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""xmr.metrics against plain-loop references, hand-computed cases, chunking, validation and the DRCL release."""
+"""xmr.metrics against plain-loop references, hand-computed cases, chunking, validation and the DRCL release;
+caption-to-caption retrieval and the joint space's silhouette (shi2024, icone2024)."""
 import math
 import time
 from fractions import Fraction
@@ -6,9 +7,12 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from xmr.metrics import (
     RETRIEVAL_KEYS,
+    caption_retrieval_metrics,
+    joint_space_silhouette,
     mean_average_precision,
     precision_recall_curve,
     retrieval_metrics,
@@ -374,6 +378,66 @@ def test_pr_curve_hand_computed():
     # (recall, precision) at cut-offs 1..4: (1/2, 1), (1/2, 1/2), (1, 2/3), (1, 1/2)
     assert precision.tolist() == pytest.approx([1.0] * 6 + [2 / 3] * 5)
     assert recall.device.type == precision.device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Within the text or the joint space: caption-to-caption retrieval, silhouette of the instance groups
+# ---------------------------------------------------------------------------------------------------------------
+
+def naive_caption_retrieval(features, captions_per_image, cutoffs=(1, 5, 10)):
+    """Each caption against all the others, with xmr.metrics' MAP and a plain sort for the hits."""
+    count = len(features)
+    groups = torch.arange(count) // captions_per_image
+    hits = {k: 0 for k in cutoffs}
+    precisions = []
+    for query in range(count):
+        others = [j for j in range(count) if j != query]
+        gallery, gallery_groups = features[others], groups[others]
+        precisions.append(mean_average_precision(features[query : query + 1], groups[query : query + 1], gallery,
+                                                 gallery_groups))
+        sims = F.normalize(gallery, dim=1) @ F.normalize(features[query], dim=0)
+        order = torch.argsort(sims, descending=True)
+        relevant = (gallery_groups[order] == groups[query]).tolist()
+        for k in cutoffs:
+            hits[k] += any(relevant[:k])
+    return {**{f"r{k}": 100.0 * hits[k] / count for k in cutoffs}, "map": sum(precisions) / count}
+
+
+@pytest.mark.parametrize("captions_per_image", [2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_caption_retrieval_matches_naive(captions_per_image, dtype):
+    generator = torch.Generator().manual_seed(captions_per_image)
+    centres = torch.randn(8, 6, generator=generator, dtype=dtype).repeat_interleave(captions_per_image, 0)
+    features = centres + 0.9 * torch.randn(centres.shape, generator=generator, dtype=dtype)
+    ours = caption_retrieval_metrics(features, captions_per_image)
+    theirs = naive_caption_retrieval(features, captions_per_image)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-9)
+    chunked = caption_retrieval_metrics(features, captions_per_image, chunk_size=3)
+    assert chunked == pytest.approx(ours, abs=1e-12)
+
+
+def test_caption_retrieval_known_answers_and_ties():
+    clustered = torch.eye(3).repeat_interleave(5, 0)  # every image's captions identical, images orthogonal
+    assert caption_retrieval_metrics(clustered) == pytest.approx({"r1": 100.0, "r5": 100.0, "r10": 100.0, "map": 1.0})
+    collapsed = torch.ones(10, 4)  # all equal: pessimistic ties put the 4 relevant captions after the 5 others
+    metrics = caption_retrieval_metrics(collapsed)
+    assert metrics["r1"] == 0.0 and metrics["r5"] == 0.0 and metrics["r10"] == 100.0
+    assert metrics["map"] == pytest.approx(sum(j / (5 + j) for j in range(1, 5)) / 4)
+    with pytest.raises(ValueError):
+        caption_retrieval_metrics(torch.randn(7, 3))
+    with pytest.raises(ValueError, match="NaN"):
+        caption_retrieval_metrics(torch.full((10, 3), float("nan")))
+
+
+def test_silhouette_is_high_for_tight_groups_and_low_for_mixed_ones(generator):
+    centres = torch.randn(4, 16, generator=generator) * 5
+    image = centres + 0.01 * torch.randn(4, 16, generator=generator)
+    text = centres.repeat_interleave(5, dim=0) + 0.01 * torch.randn(20, 16, generator=generator)
+    assert joint_space_silhouette(image, text) > 0.9
+    assert joint_space_silhouette(torch.randn(4, 16, generator=generator),
+                                  torch.randn(20, 16, generator=generator)) < 0.2
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ import pytest
 import torch
 from scipy import stats
 
+from xmr.claims import metric_from_caption_ranks
 from xmr.data import (
+    CaptionInputs,
     CrowdJudgements,
     DatasetFormatError,
     ExpertJudgements,
@@ -334,20 +336,23 @@ def test_human_relevance_evaluation_metrics_are_means_of_their_lists():
     crowd = make_crowd(8, pairs, yes=[k % 4 for k in range(len(pairs))], no=[1] * len(pairs))
     assert 0 < int(crowd.is_relevant().sum()) < len(pairs)
     metrics, per_query = human_relevance_evaluation(sims, expert, crowd)
-    query_means = per_query["query_means"]
+    query_means, extended = per_query["query_means"], per_query["extended_ranks"]
     for source in ("expert", "crowd"):
-        for direction in ("i2t", "t2i"):
-            for k in (1, 5, 10):
-                assert len(query_means[f"{source}_{direction}_r{k}"]) == (8 if direction == "i2t" else 40)
         extra = (expert if source == "expert" else crowd).relevant_pairs()
         ranks = extended_ranks(sims, extra)
+        assert extended[source] == {"captions_per_image": 5, "i2t": ranks[0].tolist(), "t2i": ranks[1].tolist()}
         assert metrics[f"{source}_i2t_r5"] == pytest.approx(100 * (ranks[0] < 5).double().mean().item())
         assert metrics[f"{source}_t2i_r1"] == pytest.approx(100 * (ranks[1] < 1).double().mean().item())
+        assert metrics[f"{source}_rsum"] == pytest.approx(sum(metrics[f"{source}_{d}_r{k}"]
+                                                              for d in ("i2t", "t2i") for k in (1, 5, 10)))
+        # the claims API recomputes every recall metric from the stored ranks
+        for name in ("i2t_r1", "t2i_r10", "rsum", "i2t_medr"):
+            assert metric_from_caption_ranks(extended[source], name) == pytest.approx(metrics[f"{source}_{name}"])
     assert len(query_means["expert_tau_b"]) == int((~judged_kendall_tau(sims, expert).isnan()).sum())
     for name, value in metrics.items():
         if value is None:
             assert name not in query_means
-        else:
+        elif name in query_means:
             assert value == pytest.approx(sum(query_means[name]) / len(query_means[name]), abs=1e-12)
             assert all(not math.isnan(item) for item in query_means[name])
     assert set(query_means) <= set(metrics)
@@ -545,7 +550,48 @@ def test_real_sanity_random_and_oracle_sims(real):
     metrics, per_query = human_relevance_evaluation(random_sims, expert, crowd)
     assert metrics["expert_tau_b"] == pytest.approx(float(tau[defined].mean()))
     assert len(per_query["query_means"]["expert_tau_b"]) == 979
-    assert len(per_query["query_means"]["crowd_i2t_r1"]) == 1000
-    assert len(per_query["query_means"]["crowd_t2i_r1"]) == 5000
+    assert len(per_query["extended_ranks"]["crowd"]["i2t"]) == 1000
+    assert len(per_query["extended_ranks"]["crowd"]["t2i"]) == 5000
     # chance level: extra positives add a few captions to each query's five, so R@10 stays a few percent
     assert metrics["crowd_i2t_r10"] < 10 and metrics["expert_t2i_r10"] < 10
+
+
+def test_first_images_keeps_the_pairs_within_a_subset(real):
+    expert = real["expert"]
+    subset = expert.first_images(100)
+    inside = (expert.image_index < 100) & (expert.caption_index < 500)
+    assert subset.num_images == 100 and subset.num_pairs == int(inside.sum()) > 0
+    assert torch.equal(subset.mean_score, expert.mean_score[inside])
+    assert torch.equal(subset.scores, expert.scores[inside])
+    assert expert.first_images(1000) is expert
+
+
+def test_the_test_split_carries_its_judgements_into_the_evaluation(real, data_root):
+    from xmr.features import human_judgements
+    from xmr.train import evaluate_retrieval_per_query
+
+    assert human_judgements("dev", 1000, data_root) == {}
+    judged = human_judgements("test", 20, data_root)
+    assert set(judged) == {"expert", "crowd"} and judged["crowd"].num_images == 20
+    # an identity "model" over one-hot features: image i scores 1 with its own five captions, 0 with the rest
+    n = 20
+    image = torch.eye(n, 6 * n)
+    text = torch.zeros(n * CAPTIONS, 6 * n)
+    text[torch.arange(n * CAPTIONS), torch.arange(n * CAPTIONS) // CAPTIONS] = 1.0
+
+    class Identity(torch.nn.Module):
+        def encode_image(self, x):
+            return x
+
+        def encode_text(self, x, mask=None):
+            return x
+
+        def parameters(self):
+            return iter([torch.zeros(1)])
+
+    metrics, per_query = evaluate_retrieval_per_query(Identity(), CaptionInputs(image, text, judgements=judged))
+    assert set(per_query["extended_ranks"]) == {"expert", "crowd"}
+    assert metrics["expert_rsum"] >= metrics["rsum"] and "crowd_i2t_rprecision" in metrics
+    assert len(per_query["extended_ranks"]["crowd"]["t2i"]) == n * CAPTIONS
+    plain, plain_per_query = evaluate_retrieval_per_query(Identity(), CaptionInputs(image, text))
+    assert "extended_ranks" not in plain_per_query and not any(k.startswith("expert") for k in plain)

@@ -139,13 +139,16 @@ def test_every_committed_result_file_follows_the_schema(path):
     if record["kind"] != "run":
         return
     per_query, metrics = record["per_query"], record["metrics"]
-    if "caption_ranks" in per_query:
-        ranks = per_query["caption_ranks"]
+    blocks = {"": per_query.get("caption_ranks"),
+              **{f"{source}_": block for source, block in per_query.get("extended_ranks", {}).items()}}
+    for prefix, ranks in blocks.items():
+        if ranks is None:
+            continue
         assert len(ranks["t2i"]) == len(ranks["i2t"]) * ranks["captions_per_image"]
         recomputed = metrics_from_ranks(torch.tensor(ranks["i2t"]), torch.tensor(ranks["t2i"]))
         for key, value in recomputed.items():
-            if key in metrics:
-                assert metrics[key] == pytest.approx(value, abs=1e-9), key
+            if prefix + key in metrics:
+                assert metrics[prefix + key] == pytest.approx(value, abs=1e-9), prefix + key
     for name, values in per_query.get("query_means", {}).items():
         if name in metrics:
             assert float(np.mean(values)) == pytest.approx(metrics[name], abs=1e-5), name

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xmr.data.paired import PairedFeatures
+from xmr.data.paired import CaptionInputs, PairedFeatures
 from xmr.encoders import DualEncoder, ProjectionHead, Tower
 from xmr.results import load_results, write_result
 from xmr.train import (
@@ -143,7 +143,7 @@ def test_result_file_round_trip(tmp_path, data):
     train, validate = data
     model = make_model()
     result = fit(model, train, TrainConfig(**{**CONFIG, "max_epochs": 1}), validate=validate)
-    metrics, per_query = evaluate_retrieval_per_query(model, validate.image, validate.text)
+    metrics, per_query = evaluate_retrieval_per_query(model, CaptionInputs(validate.image, validate.text))
     path = write_result(tmp_path, "timofeev2022", "smoke_seed0", parameters={"lr": 1e-4, "milestones": (1, 4)},
                         dataset="synthetic", split="test", metrics=metrics, training=result.record(),
                         per_query=per_query, history=result.history, device="cpu")
@@ -167,7 +167,7 @@ def test_training_stops_on_a_plateau_and_says_so(data):
                  validate=lambda model: {"rsum": next(scores)})
     assert result.epochs_run == 5 and result.best_epoch == 2 and result.stopped_by == "plateau"
     assert result.record() == {"epochs_budget": 6, "epochs_run": 5, "best_epoch": 2, "stopped_by": "plateau",
-                               "wall_time_s": result.wall_time_s}
+                               "wall_time_s": result.wall_time_s, "pairs_per_second": result.pairs_per_second}
 
 
 def test_a_run_still_improving_at_its_last_epoch_is_budget_limited(data):
@@ -253,3 +253,9 @@ def test_a_crafted_checkpoint_cannot_run_code(data, tmp_path):
     with pytest.raises(CheckpointError, match="cannot be read"):
         fit(make_model(), train, TrainConfig(**CONFIG), checkpoint_dir=tmp_path)
     assert not marker.exists()
+
+
+def test_fit_names_a_model_without_training_losses(data):
+    train, _ = data
+    with pytest.raises(TypeError, match="Linear has no training_losses"):
+        fit(torch.nn.Linear(4, 4), train, TrainConfig(**CONFIG))

@@ -7,11 +7,14 @@ of noise, the seed each model was trained with and the test queries it was evalu
 references are on the book page "The evaluation protocol", section "Judging a claim".
 
 Run records are result-file dicts (schema version 2): ``run_name``, ``metrics``, ``training`` (``stopped_by`` in
-``"plateau"``, ``"budget"``, ``"closed_form"``) and ``per_query`` (``caption_ranks`` and/or ``query_means``).
+``"plateau"``, ``"budget"``, ``"closed_form"``) and ``per_query`` (``caption_ranks``, ``extended_ranks`` and/or
+``query_means``). :func:`judge_both` judges a caption-retrieval claim under the standard protocol and with
+Flickr8k's human judgements as extra positives (metrics ``expert_<metric>``, ``crowd_<metric>``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,19 +61,31 @@ def _name(record: Mapping) -> str:
     return repr(record.get("run_name", "<unnamed run>"))
 
 
-def _caption_arrays(record: Mapping) -> tuple[np.ndarray, np.ndarray]:
-    """``(i2t (N,), t2i (N, c))`` 0-based ranks, t2i grouped by image (caption j -> image j // c)."""
-    block = record["per_query"]["caption_ranks"]
+def _caption_arrays(record: Mapping, block: Mapping, where: str = "caption_ranks") -> tuple[np.ndarray, np.ndarray]:
+    """``(i2t (N,), t2i (N, c))`` 0-based ranks of a caption-ranks ``block`` (found at ``where`` in ``record``'s
+    per_query), t2i grouped by image (caption j -> image j // c)."""
     per_image = block.get("captions_per_image")
     if isinstance(per_image, bool) or not isinstance(per_image, int) or per_image < 1:
-        raise ValueError(f"run {_name(record)}: caption_ranks.captions_per_image must be a positive integer, "
+        raise ValueError(f"run {_name(record)}: {where}.captions_per_image must be a positive integer, "
                          f"got {per_image!r}")
     i2t = np.asarray(block["i2t"])
     t2i = np.asarray(block["t2i"])
     if i2t.ndim != 1 or t2i.ndim != 1 or len(i2t) == 0 or len(t2i) != len(i2t) * per_image:
-        raise ValueError(f"run {_name(record)}: caption_ranks needs i2t of N ranks and t2i of N * "
+        raise ValueError(f"run {_name(record)}: {where} needs i2t of N ranks and t2i of N * "
                          f"{per_image} ranks, got {i2t.shape} and {t2i.shape}")
     return i2t, t2i.reshape(len(i2t), per_image)
+
+
+def _ranks_block(per_query: Mapping, metric: str) -> tuple[Mapping, str, str] | None:
+    """``(block, where, caption metric)`` of the ranks ``metric`` is computed from: ``caption_ranks`` for the
+    standard metrics, ``extended_ranks[<source>]`` for ``<source>_<metric>`` (human judgements as positives)."""
+    if _CAPTION_METRIC.match(metric) and "caption_ranks" in per_query:
+        return per_query["caption_ranks"], "caption_ranks", metric
+    source, _, rest = metric.partition("_")
+    block = (per_query.get("extended_ranks") or {}).get(source)
+    if block is not None and _CAPTION_METRIC.match(rest):
+        return block, f"extended_ranks.{source}", rest
+    return None
 
 
 def _caption_unit_values(i2t: np.ndarray, t2i: np.ndarray, metric: str) -> np.ndarray | None:
@@ -100,7 +115,7 @@ def metric_from_caption_ranks(caption_ranks: Mapping, metric: str) -> float:
     """
     if not _CAPTION_METRIC.match(metric):
         raise ValueError(f"{metric!r} cannot be computed from caption ranks")
-    i2t, t2i = _caption_arrays({"per_query": {"caption_ranks": caption_ranks}})
+    i2t, t2i = _caption_arrays({}, caption_ranks)
     values = _caption_unit_values(i2t, t2i, metric)
     if values is not None:
         return float(values.mean())
@@ -141,13 +156,16 @@ def _per_query(record: Mapping, metric: str) -> _PerQuery:
         if units.ndim != 1 or len(units) == 0:
             raise ValueError(f"run {_name(record)}: per_query.query_means[{metric!r}] must be a non-empty list")
         return _PerQuery(units, None)
-    if "caption_ranks" in per_query and _CAPTION_METRIC.match(metric):
-        i2t, t2i = _caption_arrays(record)
-        units = _caption_unit_values(i2t, t2i, metric)
+    found = _ranks_block(per_query, metric)
+    if found is not None:
+        block, where, caption_metric = found
+        i2t, t2i = _caption_arrays(record, block, where)
+        units = _caption_unit_values(i2t, t2i, caption_metric)
         if units is not None:
             return _PerQuery(units, None)
-        return _PerQuery(None, i2t if metric.startswith("i2t") else t2i)
-    have = sorted(query_means) + (["caption_ranks"] if "caption_ranks" in per_query else [])
+        return _PerQuery(None, i2t if caption_metric.startswith("i2t") else t2i)
+    have = sorted(query_means) + (["caption_ranks"] if "caption_ranks" in per_query else []) + \
+        [f"extended_ranks.{source}" for source in per_query.get("extended_ranks") or {}]
     raise ValueError(f"run {_name(record)}: {metric!r} cannot be computed from its per_query data (has: "
                      f"{have or 'nothing'}); pass per_query=False for a seed-only interval")
 
@@ -474,7 +492,7 @@ def _shape(claim: Claim, options: dict) -> tuple[Comparison, tuple, str, str, tu
             rival = min(reversed_by, key=lambda r: losses[r].high)
             reversal = (losses[rival], f"{rival!r} beats the claimed peak {top!r}: {_interval(losses[rival])}",
                         (top, rival))
-        everything = tuple(wins.values()) + tuple(c for r, c in losses.items() if c is not wins[r])
+        pairs = [((top, r), wins[r]) for r in rivals] + [((top, r), c) for r, c in losses.items() if c is not wins[r]]
         label = f"the claimed peak {top!r}"
     else:
         interior, ends = values[1:-1], (values[0], values[-1])
@@ -482,20 +500,28 @@ def _shape(claim: Claim, options: dict) -> tuple[Comparison, tuple, str, str, tu
         top = max(interior, key=lambda v: sign * means[v])
         rivals = list(ends)
         wins = {end: pair(top, end, 1 - alpha / len(interior)) for end in ends}
-        reversal, everything = None, tuple(wins.values())
+        reversal, pairs = None, [((top, end), wins[end]) for end in ends]
         for end in ends:
             beaten = {point: pair(end, point, 1 - alpha / 2) for point in interior}
-            everything += tuple(beaten.values())
+            pairs += [((end, point), c) for point, c in beaten.items()]
             if reversal is None and all(c.low is not None and c.low > 0 for c in beaten.values()):
                 point = min(interior, key=lambda p: beaten[p].low)
                 reversal = (_flip(beaten[point]), f"the endpoint {end!r} beats every interior point; closest: "
                             f"{point!r}, {_interval(_flip(beaten[point]))}", (point, end))
         label = f"the best interior point {top!r}"
 
-    closest = min(rivals, key=lambda r: wins[r].low if wins[r].low is not None else -math.inf)
-    unknown = [c for c in everything if c.seed_std_better is None or c.seed_std_worse is None]
-    if unknown:
-        return wins[closest], everything, NOT_ESTABLISHED, unknown[0].reason, (top, closest)
+    # the decisive rival: the one with the lowest interval bound; an undetermined one (the smallest gap) first
+    closest = min(rivals, key=lambda r: (wins[r].low is not None,
+                                         wins[r].low if wins[r].low is not None else wins[r].gap))
+    everything = tuple(c for _, c in pairs)
+    unknown = [(names, c) for names, c in pairs if c.seed_std_better is None or c.seed_std_worse is None]
+    if unknown:  # name the decisive pair when it is among the undetermined ones
+        (a, b), first = next(((n, c) for n, c in unknown if n == (top, closest)), unknown[0])
+        reason = f"{a!r} vs {b!r}: {first.reason}"
+        undetermined, compared = {n for n, _ in unknown}, {n for n, _ in pairs}
+        if len(undetermined) > 1:
+            reason += f" ({len(undetermined)} of {len(compared)} pairs cannot be judged)"
+        return wins[closest], everything, NOT_ESTABLISHED, reason, (top, closest)
     if reversal is not None:
         decisive, reason, shown = reversal
         verdict = REVERSED
@@ -545,6 +571,33 @@ def judge(claim: Claim, digits: int = 1, **options) -> Verdict:
     if verdict == NOT_ESTABLISHED and claim.settle_with:
         reason = f"{reason}; {claim.settle_with} would settle it" if reason else f"{claim.settle_with} would settle it"
     return Verdict(**describe, ours=ours, comparison=c, verdict=verdict, reason=reason, comparisons=pairs)
+
+
+HUMAN_SOURCES = ("expert", "crowd")
+
+
+def under_human_judgements(claim: Claim, source: str = "expert") -> Claim:
+    """``claim`` with the pairs Flickr8k's ``source`` judgements call relevant counted as positives: the metric
+    ``<source>_<metric>`` from each run's ``per_query["extended_ranks"][source]``, the id ``<id>-<source>``."""
+    if source not in HUMAN_SOURCES:
+        raise ValueError(f"source must be one of {HUMAN_SOURCES}, got {source!r}")
+    if claim.metric is None or not _CAPTION_METRIC.match(claim.metric):
+        raise ValueError(f"claim {claim.claim_id!r}: only caption-retrieval metrics have a human-judged form, "
+                         f"not {claim.metric!r}")
+    return dataclasses.replace(claim, claim_id=f"{claim.claim_id}-{source}", metric=f"{source}_{claim.metric}",
+                               statement=f"{claim.statement} [{source}-judged positives]")
+
+
+def judge_both(claim: Claim, source: str = "expert", **options) -> list[Verdict]:
+    """``[standard, human]``: :func:`judge` of ``claim`` and of :func:`under_human_judgements` of it. When one
+    holds and the other does not, both reasons say that the protocols disagree."""
+    standard, human = judge(claim, **options), judge(under_human_judgements(claim, source), **options)
+    if (standard.verdict == HELD) != (human.verdict == HELD):
+        note = (f"; the protocols disagree: {standard.verdict} with the paired captions only, {human.verdict} with "
+                f"{source}-judged positives")
+        standard = dataclasses.replace(standard, reason=standard.reason + note)
+        human = dataclasses.replace(human, reason=human.reason + note)
+    return [standard, human]
 
 
 def verdict_table(verdicts: Iterable[Verdict], digits: int = 2):

@@ -19,12 +19,15 @@ A :class:`Tower` pools region/token features by their (masked) mean, or with a l
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .data.paired import CaptionInputs
 
 IMAGE_FEATURE_DIM = 1280
 TEXT_FEATURE_DIM = 384
@@ -54,7 +57,7 @@ def sort_regions(features: torch.Tensor, mask: torch.Tensor | None = None) -> tu
     Returns ``(sorted, sorted_mask)``: position k of ``sorted`` holds, per dimension, the k-th largest value among
     the positions where ``mask`` (B, L) is 1; the padding comes last and is zero, so ``sorted_mask`` (B, L) marks
     the first ``mask.sum(1)`` positions. Inputs that are already in that order are returned as they are after a
-    check (frozen features sorted once, see :meth:`xmr.experiment.CaptionInputs.sorted_regions`). Inputs that
+    check (frozen features sorted once, see :func:`sort_region_inputs`). Inputs that
     need no gradient are sorted by numpy on the CPU, which sorts many short rows far faster than ``torch.sort``
     (a (128, 49, 1280) batch on one thread: about 20 ms in all against 225 ms); otherwise ``torch.sort``, whose
     values carry the gradient.
@@ -75,6 +78,22 @@ def sort_regions(features: torch.Tensor, mask: torch.Tensor | None = None) -> tu
     if padded:
         values = values.masked_fill(~sorted_mask.unsqueeze(-1), 0.0)
     return values, sorted_mask
+
+
+def sort_region_inputs(inputs: CaptionInputs, chunk: int = 512) -> CaptionInputs:
+    """A copy of a split's region/token inputs sorted per dimension once (:func:`sort_regions`; same dtype): a
+    GPO gives the same output on them and skips its per-batch sort. Only for frozen backbones' region/token
+    features: activations below a trainable top must stay as they are."""
+    def sort_all(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        parts = [sort_regions(features[start : start + chunk].float(),
+                              None if mask is None else mask[start : start + chunk])[0].to(features.dtype)
+                 for start in range(0, len(features), chunk)]
+        return torch.cat(parts)
+
+    if inputs.image.dim() != 3 or inputs.text.dim() != 3:
+        raise ValueError("sort_region_inputs needs region/token inputs: load_caption_inputs(..., regions=True)")
+    return dataclasses.replace(inputs, image=sort_all(inputs.image, None),
+                               text=sort_all(inputs.text, inputs.text_mask))
 
 
 @functools.lru_cache(maxsize=64)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import torch
 
-from .data import ImageCaptionSplit
+from .data import CaptionInputs, ImageCaptionSplit
 from .encoders import DualEncoder
-from .experiment import CaptionInputs, DualEncoderSettings, encode_new_captions
+from .experiment import DualEncoderSettings, encode_new_captions
 from .plots import show_image_to_text, show_text_to_image, top_k_indices
 from .train import encode
 
@@ -31,7 +31,7 @@ class RetrievalExplorer:
     """Text-to-image and image-to-text search over one split with one or more trained models.
 
     ``models`` maps a display name to a :class:`TrainedModel`; ``inputs`` are the split's cached inputs (as
-    :func:`xmr.experiment.load_caption_inputs` returns them for those models' settings). The gallery of every
+    :func:`xmr.features.load_caption_inputs` returns them for those models' settings). The gallery of every
     model is embedded once, on first use.
     """
 

@@ -20,8 +20,6 @@ import hashlib
 import json
 import os
 import re
-import socket
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,7 +33,10 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: concurrent extractions of one entry are not serialised
     fcntl = None
 
+from .data import CaptionInputs, DatasetNotFoundError, load_crowd_judgements, load_expert_judgements, load_flickr8k
+from .data.test_captions import CaptionSet
 from .encoders import ImageBackbone, TextBackbone
+from .io import atomic_torch_save, writer_tag
 
 CACHE_ENV_VAR = "XMR_CACHE"
 CACHE_FORMAT_VERSION = 2  # 2: image content and tokenizer in the key, tensor digests in the file
@@ -50,11 +51,6 @@ def default_cache_dir() -> Path:
 
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
-def _writer_tag() -> str:
-    """``<host>-<pid>`` of this process, put in temporary file names so a cleaner can tell orphans."""
-    return f"{re.sub(r'[^A-Za-z0-9_]', '_', socket.gethostname())}-{os.getpid()}"
 
 
 _TEMPORARY_NAME = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
@@ -82,7 +78,7 @@ def remove_stale_temporaries(directory: str | os.PathLike,
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    host, now, removed = _writer_tag().rsplit("-", 1)[0], time.time(), []
+    host, now, removed = writer_tag().rsplit("-", 1)[0], time.time(), []
     for entry in directory.iterdir():
         if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
             continue
@@ -97,19 +93,6 @@ def remove_stale_temporaries(directory: str | os.PathLike,
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -325,3 +308,54 @@ def _extract_texts(split, backbone: TextBackbone, settings: ExtractionSettings, 
                 tensor = torch.nn.functional.pad(tensor, pad)
             parts.setdefault(name, []).append(tensor.cpu())
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def load_caption_inputs(split: str, image_top: int = 0, text_top: int = 0, num_images: int | None = None,
+                        root=None, settings: ExtractionSettings | None = None, regions: bool = False) -> CaptionInputs:
+    """Cached Flickr8k inputs for ``split``, per modality: the activations below the ``image_top`` /
+    ``text_top`` trainable stages when those are > 0; else the frozen backbone's pooled features, or with
+    ``regions=True`` its region/token features (the 7 x 7 grid (N, 49, 1280), the tokens (5N, L, 384) with their
+    mask; float16). ``num_images`` keeps the first images (smoke runs). The test split carries its human
+    relevance judgements (:func:`human_judgements`)."""
+    data = load_flickr8k(split, root=root)
+    if num_images is not None:
+        data = data.subset(min(num_images, len(data)))
+    images = image_features(data, ImageBackbone(trainable_top=image_top), settings)
+    texts = text_features(data, TextBackbone(trainable_top=text_top), settings)
+    image = images["lower"] if image_top else images["grid"] if regions else images["pooled"]
+    judgements = human_judgements(split, len(data), root)
+    if text_top or regions:
+        return CaptionInputs(image, texts["lower"] if text_top else texts["tokens"], texts["mask"],
+                             data.captions_per_image, judgements)
+    return CaptionInputs(image, texts["pooled"], None, data.captions_per_image, judgements)
+
+
+def human_judgements(split: str, num_images: int, root=None) -> dict:
+    """Flickr8k's expert and crowd judgements of the first ``num_images`` images of ``split``
+    (:mod:`xmr.data.relevance`): only the test split has them; ``{}`` where the files are missing."""
+    if split != "test":
+        return {}
+    try:
+        loaded = {"expert": load_expert_judgements(split, root), "crowd": load_crowd_judgements(split, root)}
+    except DatasetNotFoundError:
+        return {}
+    return {source: judgements.first_images(num_images) for source, judgements in loaded.items()}
+
+
+def load_region_grid(split: str, num_images: int | None = None, root=None,
+                     settings: ExtractionSettings | None = None) -> torch.Tensor:
+    """The cached (N, 49, 1280) float16 EfficientNet-Lite0 region grid of a Flickr8k split (stage-2 crops)."""
+    data = load_flickr8k(split, root=root)
+    if num_images is not None:
+        data = data.subset(min(num_images, len(data)))
+    return image_features(data, ImageBackbone(trainable_top=0), settings)["grid"]
+
+
+def pooled_caption_features(captions: CaptionSet, backbone: TextBackbone | None = None,
+                            settings: ExtractionSettings | None = None) -> torch.Tensor:
+    """(M, 384) float32 mean-pooled all-MiniLM-L6-v2 features of every caption, cached on disk.
+
+    Only the pooled features are stored (:func:`xmr.features.text_features` with ``pooled_only=True``): 25,000
+    COCO captions would take about 1 GB with their token features.
+    """
+    return text_features(captions, backbone, settings, pooled_only=True)["pooled"]

@@ -1,14 +1,16 @@
-"""Contrastive losses over a batch of paired embeddings.
+"""Contrastive losses over a batch of embeddings.
 
-Every loss is a small ``nn.Module`` whose ``forward(image_features, text_features)`` takes (B, D) L2-normalised
-embeddings, row i of each being a positive pair and every other row a negative, and returns a dict of named
-tensors with the total under ``"loss"``. Pick one by name with :func:`make_loss` (names in :data:`LOSSES`).
+Every loss is a small ``nn.Module`` returning a dict of named tensors with the total under ``"loss"``. A
+cross-modal loss's ``forward(image_features, text_features)`` takes (B, D) L2-normalised embeddings, row i of each
+being a positive pair and every other row a negative; pick one by name with :func:`make_loss` (names in
+:data:`LOSSES`). :class:`SupervisedContrastiveLoss` works within one modality: ``forward(features, labels)``, rows
+sharing a label being positives.
 
 Equation numbers refer to timofeev2022 (Timofeev et al., *Multi-modal retrieval with smooth weighting of
-negatives*, EE-608 report), which numbers four equations: the sum triplet loss (Sec. III-A, unnumbered), the max
-triplet loss (Eq. 1), SimCLR (Eq. 2), Barlow Twins (Eq. 3) and its symmetrised SimCLR for two modalities (Eq. 4).
-Two of its formulas are misprinted; each misprint is available behind a named flag (``printed_sign``,
-``exclude_positive_from_denominator``) and the faithful reading is the default.
+negatives*, EE-608 report) unless another paper is named. It numbers four equations: the sum triplet loss
+(Sec. III-A, unnumbered), the max triplet loss (Eq. 1), SimCLR (Eq. 2), Barlow Twins (Eq. 3) and its symmetrised
+SimCLR for two modalities (Eq. 4). A misprinted formula is available behind a named flag (``printed_sign``,
+``exclude_positive_from_denominator``; shi2024's ``printed_formula``) and the faithful reading is the default.
 """
 
 from __future__ import annotations
@@ -177,6 +179,65 @@ class BarlowTwinsLoss(nn.Module):
         off_diagonal = (correlation.pow(2) * _off_diagonal_mask(len(correlation), correlation.device)).sum()
         return {"loss": on_diagonal + self.lambd * off_diagonal, "on_diagonal": on_diagonal,
                 "off_diagonal": off_diagonal}
+
+
+def printed_term_of_cosine(cosine: torch.Tensor) -> torch.Tensor:
+    """One term of shi2024 Eq. (2)/(4) for two unit vectors at cosine ``c``: ``|sqrt(2 - 2c) + c|`` (for plots)."""
+    return ((2 - 2 * cosine).clamp(min=0).sqrt() + cosine).abs()
+
+
+class SupervisedContrastiveLoss(nn.Module):
+    """Supervised contrastive loss within one modality (SupCon "L_out", Khosla et al. 2020; the faithful reading
+    of shi2024 Eqs. 2/4) over (N, D) L2-normalised features with set labels (N,).
+
+    With ``s_ij = f_i . f_j / temperature``, ``P(i)`` the other items with ``i``'s label and ``A(i)`` all items but
+    ``i``: ``loss_i = -1/|P(i)| sum_{p in P(i)} log( exp(s_ip) / sum_{a in A(i)} exp(s_ia) )``, averaged over the
+    anchors that have a positive (0 when none has). shi2024 gives no temperature: 0.1 (SupCon's best).
+
+    ``printed_formula=True``: shi2024 Eq. (2)/(4) as printed, ``sum_i | ||F_i - F_{i+1}|| + F_i . F_{i+1} |`` over
+    rows ``i, i+1`` that share a label (consecutive members of a positive set; all consecutive rows when ``labels``
+    is None). Each term is :func:`printed_term_of_cosine`: 1 at cosine 1 and -1 alike, so the printed loss has no
+    negatives and is minimised by a collapse of every feature onto one point; it is kept only to show that.
+    """
+
+    def __init__(self, temperature: float = 0.1, printed_formula: bool = False):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature, self.printed_formula = float(temperature), printed_formula
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if features.dim() != 2 or len(features) == 0:
+            raise ValueError(f"expected a non-empty (N, D) tensor, got {tuple(features.shape)}")
+        if labels is not None and labels.shape != features.shape[:1]:
+            raise ValueError(f"labels must have shape ({len(features)},), got {tuple(labels.shape)}")
+        if self.printed_formula:
+            return {"loss": self._printed(features, labels)}
+        if labels is None:
+            raise ValueError("supervised contrastive learning needs labels (the positive sets)")
+        return {"loss": self._supervised_contrastive(features, labels)}
+
+    @staticmethod
+    def _printed(features: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        first, second = features[:-1], features[1:]  # (N-1, D): rows i and i+1
+        terms = (torch.linalg.vector_norm(first - second, dim=1) + (first * second).sum(dim=1)).abs()  # (N-1,)
+        if labels is not None:
+            terms = terms * (labels[:-1] == labels[1:])  # only pairs inside one positive set
+        return terms.sum()
+
+    def _supervised_contrastive(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        count = len(features)
+        is_self = torch.eye(count, dtype=torch.bool, device=features.device)  # (N, N)
+        is_positive = (labels[:, None] == labels[None, :]) & ~is_self  # (N, N)
+        positives_per_anchor = is_positive.sum(dim=1)  # (N,)
+        has_positive = positives_per_anchor > 0
+        if not bool(has_positive.any()):
+            return features.sum() * 0.0  # no positive pair in the batch: nothing to pull together
+        logits = (features @ features.T / self.temperature).masked_fill(is_self, -torch.inf)  # (N, N)
+        log_probability = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # (N, N), -inf on the diagonal
+        positive_sum = log_probability.masked_fill(~is_positive, 0.0).sum(dim=1)  # (N,)
+        per_anchor = -positive_sum[has_positive] / positives_per_anchor[has_positive]  # (N_with_positives,)
+        return per_anchor.mean()
 
 
 def _triplet(max_violation: bool, options: dict) -> TripletLoss:

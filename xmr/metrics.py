@@ -33,11 +33,17 @@ by descending similarity with a **stable** sort, so equal similarities keep gall
 on the DRCL Wikipedia features the two orders differ by 3e-5 in MAP.) Then, for a cut-off ``k``,
 ``AP = (1 / R_k) * sum_{r <= k} P@r * rel(r)`` with ``R_k`` the number of relevant items in the top ``k`` and
 ``AP = 0`` when there is none; MAP is the mean AP over queries (MAP@all: ``k`` = gallery size).
+
+Within the text or the joint space (shi2024, icone2024)
+-------------------------------------------------------
+:func:`caption_retrieval_metrics`: each caption queries all the others, the other captions of its image being
+the relevant ones (ties pessimistic, as above). :func:`joint_space_silhouette`: how tightly each image and its
+captions cluster in a joint space.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -170,6 +176,62 @@ def retrieval_metrics_5fold(sims: torch.Tensor, captions_per_image: int = 5, fol
     metrics = {key: sum(fold[key] for fold in folds) / n_folds for key in RETRIEVAL_KEYS if key != "rsum"}
     metrics["rsum"] = sum(metrics[key] for key in RECALL_KEYS)
     return {key: metrics[key] for key in RETRIEVAL_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Within the text or the joint space
+# ---------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def caption_retrieval_metrics(features: torch.Tensor, captions_per_image: int = 5, cutoffs=(1, 5, 10),
+                              chunk_size: int = 1024) -> dict[str, float]:
+    """Each caption queries all the others (cosine); the other captions of its image are the relevant ones.
+
+    ``features`` is (M, D), image-major. Positions are counted pessimistically, like :func:`retrieval_ranks`: the
+    j-th best relevant caption (1-based j) sits at position ``j + #{irrelevant captions with similarity >= its
+    own}``. Returns ``r{K}`` = 100 x the fraction of queries with a relevant caption in the top K (the VSE++ "hit"
+    convention), and ``map`` = MAP@all, with ``AP = (1 / R) sum_j j / position_j`` over the
+    R = captions_per_image - 1 relevant captions.
+    """
+    count = len(features)
+    if features.dim() != 2 or count == 0 or count % captions_per_image or captions_per_image < 2:
+        raise ValueError(f"expected (M, D) features of M = images x {captions_per_image} (>= 2) captions, "
+                         f"got {tuple(features.shape)}")
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError("features hold NaN or infinite values")
+    features = F.normalize(features.double() if features.dtype == torch.float64 else features.float(), dim=1)
+    relevant_count = captions_per_image - 1
+    offsets = torch.arange(captions_per_image, device=features.device)
+    first_positions, precisions = [], []
+    for start in range(0, count, chunk_size):
+        queries = torch.arange(start, min(start + chunk_size, count), device=features.device)  # (c,)
+        sims = features[queries] @ features.T  # (c, M)
+        members = (queries // captions_per_image)[:, None] * captions_per_image + offsets  # (c, cpi), self included
+        others = members[members != queries[:, None]].view(len(queries), relevant_count)  # (c, R)
+        relevant = sims.gather(1, others).sort(dim=1, descending=True).values  # (c, R), best first
+        sims.scatter_(1, members, -torch.inf)  # leave only the irrelevant captions
+        above = torch.stack([(sims >= relevant[:, j : j + 1]).view(torch.uint8).sum(dim=1, dtype=torch.int32)
+                             for j in range(relevant_count)], dim=1)  # (c, R); a uint8 sum is faster than bool
+        positions = above + torch.arange(1, relevant_count + 1, device=features.device)  # (c, R), 1-based
+        first_positions.append(positions[:, 0])
+        ranks_among_relevant = torch.arange(1, relevant_count + 1, device=features.device, dtype=torch.float64)
+        precisions.append((ranks_among_relevant / positions).mean(dim=1))  # (c,) AP of each query
+    first = torch.cat(first_positions)
+    metrics = {f"r{k}": 100.0 * float((first <= k).double().mean()) for k in cutoffs}
+    metrics["map"] = float(torch.cat(precisions).double().mean())
+    return metrics
+
+
+def joint_space_silhouette(image_features: torch.Tensor, text_features: torch.Tensor,
+                           captions_per_image: int = 5) -> float:
+    """Silhouette score (cosine) of the instance groups in a joint space, a group being an image (N, D) and its
+    captions (N * captions_per_image, D): near 1 when every group is a tight cluster, near 0 or below when groups
+    overlap (icone2024 Figs. 4-5 in one number)."""
+    from sklearn.metrics import silhouette_score
+
+    groups = torch.cat([torch.arange(len(image_features)), torch.arange(len(text_features)) // captions_per_image])
+    points = F.normalize(torch.cat([image_features.float(), text_features.float()]).cpu(), dim=-1)
+    return float(silhouette_score(points.numpy(), groups.numpy(), metric="cosine"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -403,41 +465,45 @@ def _ranks_among_positives(block: torch.Tensor, positive: torch.Tensor,
     return ranks, hits.to(torch.float64) / n_positive.to(torch.float64)
 
 
-def _extended_statistics(sims: torch.Tensor, extra_positives, captions_per_image: int, chunk_size: int,
-                         with_r_precision: bool):
-    _check_sims(sims, captions_per_image)
-    _check_positive_int(chunk_size, "chunk_size")
-    n_images, n_captions = sims.shape
-    device = sims.device
-    extra = _check_pairs(extra_positives, (n_images, n_captions), "extra_positives").to(device)
-    i2t_ranks = torch.empty(n_images, dtype=torch.int64, device=device)
-    t2i_ranks = torch.empty(n_captions, dtype=torch.int64, device=device)
-    i2t_precision = torch.empty(n_images, dtype=torch.float64, device=device)
-    t2i_precision = torch.empty(n_captions, dtype=torch.float64, device=device)
-    offsets = torch.arange(captions_per_image, device=device)
-    for start in range(0, n_images, chunk_size):                                  # image queries, captions ranked
-        block = _finite_block(sims[start:start + chunk_size])                               # (c, N_captions)
+def _extended_direction(sims: torch.Tensor, own_positives: Callable[[torch.Tensor], torch.Tensor],
+                        extra: torch.Tensor, chunk_size: int,
+                        with_r_precision: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks (int64) and R-precisions (float64, unset without ``with_r_precision``) of one direction's queries.
+
+    ``sims`` is (N_queries, N_gallery), possibly a transposed view; ``own_positives(queries)`` gives the (c, k)
+    gallery indices of each query's own ground truth, ``extra`` the (E, 2) extra ``(query, gallery)`` positives.
+    """
+    n_queries, device = sims.shape[0], sims.device
+    ranks = torch.empty(n_queries, dtype=torch.int64, device=device)
+    precisions = torch.empty(n_queries, dtype=torch.float64, device=device)
+    for start in range(0, n_queries, chunk_size):
+        block = _finite_block(sims[start:start + chunk_size].contiguous())                  # (c, N_gallery)
         rows = torch.arange(block.shape[0], device=device)
         positive = torch.zeros(block.shape, dtype=torch.bool, device=device)
-        positive[rows[:, None], (start + rows)[:, None] * captions_per_image + offsets] = True
+        positive[rows[:, None], own_positives(start + rows)] = True
         inside = (extra[:, 0] >= start) & (extra[:, 0] < start + block.shape[0])
         positive[extra[inside, 0] - start, extra[inside, 1]] = True
-        ranks, precision = _ranks_among_positives(block, positive, with_r_precision)
-        i2t_ranks[start:start + block.shape[0]] = ranks
+        block_ranks, block_precisions = _ranks_among_positives(block, positive, with_r_precision)
+        ranks[start:start + block.shape[0]] = block_ranks
         if with_r_precision:
-            i2t_precision[start:start + block.shape[0]] = precision
-    for start in range(0, n_captions, chunk_size):                                # caption queries, images ranked
-        block = _finite_block(sims[:, start:start + chunk_size].T.contiguous())             # (c, N_images)
-        rows = torch.arange(block.shape[0], device=device)
-        positive = torch.zeros(block.shape, dtype=torch.bool, device=device)
-        positive[rows, (start + rows) // captions_per_image] = True
-        inside = (extra[:, 1] >= start) & (extra[:, 1] < start + block.shape[0])
-        positive[extra[inside, 1] - start, extra[inside, 0]] = True
-        ranks, precision = _ranks_among_positives(block, positive, with_r_precision)
-        t2i_ranks[start:start + block.shape[0]] = ranks
-        if with_r_precision:
-            t2i_precision[start:start + block.shape[0]] = precision
-    return i2t_ranks, t2i_ranks, i2t_precision, t2i_precision
+            precisions[start:start + block.shape[0]] = block_precisions
+    return ranks, precisions
+
+
+def _extended_statistics(sims: torch.Tensor, extra_positives, captions_per_image: int, chunk_size: int,
+                         with_r_precision: bool):
+    """``(i2t_ranks, t2i_ranks, i2t_precisions, t2i_precisions)`` of :func:`extended_ranks` and
+    :func:`extended_r_precision`."""
+    _check_sims(sims, captions_per_image)
+    _check_positive_int(chunk_size, "chunk_size")
+    extra = _check_pairs(extra_positives, tuple(sims.shape), "extra_positives").to(sims.device)
+    offsets = torch.arange(captions_per_image, device=sims.device)
+    i2t_ranks, i2t_precisions = _extended_direction(                               # image queries, captions ranked
+        sims, lambda images: images[:, None] * captions_per_image + offsets, extra, chunk_size, with_r_precision)
+    t2i_ranks, t2i_precisions = _extended_direction(                               # caption queries, images ranked
+        sims.T, lambda captions: (captions // captions_per_image)[:, None], extra.flip(1), chunk_size,
+        with_r_precision)
+    return i2t_ranks, t2i_ranks, i2t_precisions, t2i_precisions
 
 
 def extended_ranks(sims: torch.Tensor, extra_positives, captions_per_image: int = 5,
@@ -527,19 +593,22 @@ def human_relevance_evaluation(sims: torch.Tensor, expert, crowd, expert_thresho
     :func:`xmr.data.load_crowd_judgements` (either may be None to skip it); thresholds default to the judgements'
     own (expert mean score >= 3, crowd yes proportion > 0.5). Metrics, for each given source ``<s>``:
 
-    - ``<s>_i2t_r1 ... <s>_t2i_r10`` (percent): R@K with the pairs judged relevant as extra positives
-      (:func:`extended_ranks`); ``<s>_i2t_rprecision``, ``<s>_t2i_rprecision`` (percent): R-precision with them;
+    - ``<s>_i2t_r1 ... <s>_t2i_meanr``, ``<s>_rsum``: :func:`metrics_from_ranks` of the ranks with the pairs judged
+      relevant as extra positives (:func:`extended_ranks`); ``<s>_i2t_rprecision``, ``<s>_t2i_rprecision``
+      (percent): R-precision with them;
     - ``<s>_errors_judged_relevant`` and ``<s>_errors_judged`` (percent): over image queries whose top-1 caption
       is not their own, the share whose top-1 caption was judged relevant, and judged at all
       (:func:`share_of_errors_judged_relevant`);
     - ``expert_tau_b``: mean per-image Kendall tau-b with the mean expert score (:func:`judged_kendall_tau`).
 
-    ``per_query["query_means"][name]`` lists the per-query values whose mean is ``metrics[name]`` (R@K: 0 or 100
-    per query). A metric averaged over a subset of queries stores that subset's values only, and is None (with no
-    list) when the subset is empty.
+    ``per_query["extended_ranks"][<s>]`` holds the extended ranks in the layout of ``caption_ranks``
+    (:func:`retrieval_evaluation`); ``per_query["query_means"][name]`` lists the per-query values whose mean is
+    ``metrics[name]`` for the others. A metric averaged over a subset of queries stores that subset's values only,
+    and is None (with no list) when the subset is empty.
     """
     metrics: dict[str, float | None] = {}
     query_means: dict[str, list[float]] = {}
+    extended: dict[str, dict] = {}
 
     def record(name: str, values: torch.Tensor) -> None:
         # for subset metrics ``values`` holds NaN outside the subset; only the subset is stored
@@ -555,9 +624,9 @@ def human_relevance_evaluation(sims: torch.Tensor, expert, crowd, expert_thresho
         extra = judgements.relevant_pairs(threshold)
         i2t_ranks, t2i_ranks, i2t_precision, t2i_precision = _extended_statistics(
             sims, extra, captions_per_image, chunk_size, True)
-        for direction, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
-            for k in RECALL_CUTOFFS:
-                record(f"{source}_{direction}_r{k}", 100.0 * (ranks < k).to(torch.float64))
+        metrics.update({f"{source}_{name}": value for name, value in metrics_from_ranks(i2t_ranks, t2i_ranks).items()})
+        extended[source] = {"captions_per_image": captions_per_image, "i2t": i2t_ranks.cpu().tolist(),
+                            "t2i": t2i_ranks.cpu().tolist()}
         record(f"{source}_i2t_rprecision", 100.0 * i2t_precision)
         record(f"{source}_t2i_rprecision", 100.0 * t2i_precision)
         errors = share_of_errors_judged_relevant(sims, judgements, threshold, captions_per_image, chunk_size)
@@ -568,4 +637,4 @@ def human_relevance_evaluation(sims: torch.Tensor, expert, crowd, expert_thresho
             record("expert_tau_b", judged_kendall_tau(sims, judgements, captions_per_image, chunk_size))
     if not metrics:
         raise ValueError("pass expert or crowd judgements (or both)")
-    return metrics, {"query_means": query_means}
+    return metrics, {"extended_ranks": extended, "query_means": query_means}

@@ -1,4 +1,5 @@
-"""Figures the notebooks share: training curves, sweeps with seed spread, retrieval examples."""
+"""Figures the notebooks share: training curves, sweeps with seed spread, retrieval examples, a t-SNE of a joint
+space."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .data import load_image
+from .metrics import joint_space_silhouette
 
 
 def plot_training_curves(histories: Mapping[str, Sequence[dict]], metrics: Sequence[str] = ("train_loss", "val_rsum"),
@@ -94,3 +98,36 @@ def show_image_to_text(image_path, captions: Sequence[str], ranked: Sequence[int
 def top_k_indices(scores, k: int = 5) -> list[int]:
     """Indices of the k highest scores (a 1-D tensor or array), best first."""
     return [int(i) for i in np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]]
+
+
+def plot_joint_space_tsne(panels: Mapping[str, tuple[torch.Tensor, torch.Tensor]], captions_per_image: int = 5,
+                          seed: int = 0, perplexity: float = 15.0):
+    """One t-SNE panel per entry of ``panels`` (title -> (image_features (N, D), text_features (N*k, D))).
+
+    Colour = instance group (an image and its captions), marker = modality (o image, x caption), as in icone2024
+    Figs. 4-5. Each title adds the groups' :func:`xmr.metrics.joint_space_silhouette` in the joint space itself
+    (cosine, before t-SNE). Returns the figure.
+    """
+    from sklearn.manifold import TSNE
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
+    colours = plt.get_cmap("tab20")
+    for axis, (title, (image_features, text_features)) in zip(axes[0], panels.items()):
+        num_images = len(image_features)
+        groups = np.concatenate([np.arange(num_images), np.arange(len(text_features)) // captions_per_image])
+        points = F.normalize(torch.cat([image_features.float(), text_features.float()]).cpu(), dim=-1).numpy()
+        silhouette = joint_space_silhouette(image_features, text_features, captions_per_image)
+        embedded = TSNE(n_components=2, perplexity=min(perplexity, (len(points) - 1) / 3), init="pca",
+                        random_state=seed).fit_transform(points)
+        for group in range(num_images):
+            colour = colours(group % 20)
+            captions = num_images + np.flatnonzero(groups[num_images:] == group)
+            axis.scatter(*embedded[group], color=colour, marker="o", s=70, edgecolors="black", linewidths=0.6)
+            axis.scatter(embedded[captions, 0], embedded[captions, 1], color=colour, marker="x", s=30)
+        axis.set_title(f"{title}\nsilhouette of the groups: {silhouette:.2f}", fontsize=10)
+        axis.set_xticks([]), axis.set_yticks([])
+    handles = [plt.Line2D([], [], color="gray", marker="o", linestyle="", markeredgecolor="black", label="image"),
+               plt.Line2D([], [], color="gray", marker="x", linestyle="", label="caption")]
+    axes[0][-1].legend(handles=handles, loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -17,11 +17,12 @@ import os
 import platform
 import re
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from .io import atomic_write
 
 RESULT_SCHEMA_VERSION = 2
 PAPER_IDS = ("timofeev2022", "coder2022", "icone2024", "drcl2024", "shi2024")
@@ -96,15 +97,7 @@ def _write_json(path: Path, record: dict, compact: tuple[str, ...] = ()) -> Path
     tail = "".join(f',\n "{key}": {json.dumps(record[key], separators=(",", ":"), allow_nan=False)}'
                    for key in compact if key in record)
     text = text[:-2] + tail + "\n}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda file: file.write(text), mode="w")
     return path
 
 

@@ -1,8 +1,7 @@
 """One training loop for every method: device, mixed precision, seeds, schedules, validation, checkpoints.
 
-A *model* is any ``nn.Module`` with ``training_losses(batch) -> {"loss": total, <term>: ...}`` (for example
-:class:`xmr.encoders.DualEncoder`); it may also define ``on_epoch_start(epoch)`` (re-clustering, queues) and
-``parameter_groups(lr)`` (per-part learning rates). :func:`fit` owns everything else:
+A *model* is any ``nn.Module`` that is :class:`Trainable` (for example :class:`xmr.encoders.DualEncoder`);
+:func:`fit` owns everything else:
 
 - the epoch's data order and dropout masks depend only on ``(seed, epoch)``, so a run interrupted after any
   epoch and resumed from its checkpoint ends with the same parameters and metrics as an uninterrupted one;
@@ -28,7 +27,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -36,8 +35,9 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
 from . import distributed
-from .features import atomic_torch_save
-from .metrics import retrieval_evaluation, retrieval_metrics
+from .data.paired import CaptionInputs
+from .io import atomic_torch_save
+from .metrics import human_relevance_evaluation, retrieval_evaluation, retrieval_metrics
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -55,6 +55,20 @@ class CheckpointError(ValueError):
 
 
 STOPPED_BY = ("plateau", "budget")
+
+
+@runtime_checkable
+class Trainable(Protocol):
+    """What :func:`fit` needs of a model: ``training_losses(batch) -> {"loss": total, <term>: ...}``.
+
+    Hooks it calls when the model has them: ``on_epoch_start(epoch)`` (re-clustering, queues, a schedule of the
+    loss), ``parameter_groups(lr) -> list[dict]`` (per-part learning rates) and the attribute
+    ``find_unused_parameters`` (DDP, for a model that leaves parts of itself out on some steps). Of the data it
+    uses ``set_epoch(epoch)`` (a per-epoch draw), ``fingerprint()`` (for checkpoints) and ``fetches_batches``
+    (``__getitem__`` takes a batch's indices) when they are there.
+    """
+
+    def training_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 @dataclass
 class TrainConfig:
@@ -136,7 +150,8 @@ class TrainResult:
     def record(self) -> dict:
         """The ``training`` entry of a result file (schema version 2)."""
         return {"epochs_budget": self.epochs_budget, "epochs_run": self.epochs_run, "best_epoch": self.best_epoch,
-                "stopped_by": self.stopped_by, "wall_time_s": self.wall_time_s}
+                "stopped_by": self.stopped_by, "wall_time_s": self.wall_time_s,
+                "pairs_per_second": self.pairs_per_second}
 
     def state(self) -> dict:
         """Plain data for a checkpoint (``weights_only=True`` can load it)."""
@@ -252,13 +267,20 @@ def evaluate_retrieval(model: nn.Module, image: torch.Tensor, text: torch.Tensor
     return retrieval_metrics(sims, captions_per_image=captions_per_image)
 
 
-def evaluate_retrieval_per_query(model: nn.Module, image: torch.Tensor, text: torch.Tensor,
-                                 text_mask: torch.Tensor | None = None,
-                                 captions_per_image: int = 5) -> tuple[dict, dict]:
-    """``(metrics, per_query)`` of ``model`` on a test split (:func:`xmr.metrics.retrieval_evaluation`): the
-    metrics and the ranks of every query that a result file stores."""
-    sims = retrieval_similarities(model, image, text, text_mask)
-    return retrieval_evaluation(sims, captions_per_image=captions_per_image)
+def evaluate_retrieval_per_query(model: nn.Module, test: CaptionInputs) -> tuple[dict, dict]:
+    """``(metrics, per_query)`` of ``model`` on a test split, as a result file stores them: the standard metrics
+    and ranks (:func:`xmr.metrics.retrieval_evaluation`) and, where the split has human judgements, the same
+    metrics with the pairs judged relevant as positives, prefixed by their source
+    (:func:`xmr.metrics.human_relevance_evaluation`; subset metrics with an empty subset are left out)."""
+    sims = retrieval_similarities(model, test.image, test.text, test.text_mask)
+    metrics, per_query = retrieval_evaluation(sims, captions_per_image=test.captions_per_image)
+    if test.judgements:
+        expert, crowd = test.judgements.get("expert"), test.judgements.get("crowd")
+        human, human_per_query = human_relevance_evaluation(sims, expert, crowd,
+                                                            captions_per_image=test.captions_per_image)
+        metrics.update({name: value for name, value in human.items() if value is not None})
+        per_query.update({key: value for key, value in human_per_query.items() if value})
+    return metrics, per_query
 
 
 class RetrievalValidator:
@@ -268,6 +290,11 @@ class RetrievalValidator:
                  captions_per_image: int = 5):
         self.image, self.text, self.text_mask = image, text, text_mask
         self.captions_per_image = captions_per_image
+
+    @classmethod
+    def for_split(cls, inputs: CaptionInputs) -> RetrievalValidator:
+        """The validator of a split's :class:`~xmr.data.CaptionInputs`."""
+        return cls(inputs.image, inputs.text, inputs.text_mask, inputs.captions_per_image)
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         return evaluate_retrieval(model, self.image, self.text, self.text_mask, self.captions_per_image)
@@ -331,6 +358,8 @@ def fit(model: nn.Module, train_data: Dataset, config: TrainConfig,
     every global batch through DDP, ``model.loss`` sees the gathered global batch, only rank 0 validates (its
     metrics are broadcast) and writes checkpoints; every rank returns the same result.
     """
+    if not isinstance(model, Trainable):
+        raise TypeError(f"{type(model).__name__} has no training_losses(batch) method: fit trains Trainable models")
     device = config.resolved_device()
     model.to(device)
     world_size, rank, is_main = distributed.world_size(), distributed.rank(), distributed.is_main_process()

@@ -40,6 +40,7 @@ __all__ = [
     "resolve_data_root",
 ]
 
+from .paired import CaptionInputs as CaptionInputs  # noqa: E402  (re-exported)
 from .paired import PairedFeatures as PairedFeatures  # noqa: E402  (re-exported)
 
 __all__.append("PairedFeatures")

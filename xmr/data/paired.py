@@ -1,11 +1,27 @@
-"""Image-caption pairs over cached features, the input of :func:`xmr.train.fit`."""
+"""A split's cached inputs, and image-caption pairs over them, the input of :func:`xmr.train.fit`."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import Dataset
 
 CAPTION_CHOICES = ("random", "first", "all")
+
+
+@dataclass
+class CaptionInputs:
+    """What the towers read for one split: image inputs (N, ...), caption inputs (5N, ...), optional mask
+    (:func:`xmr.features.load_caption_inputs`)."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    text_mask: torch.Tensor | None = None
+    captions_per_image: int = 5
+    # human relevance judgements of the split's pairs ({"expert": ..., "crowd": ...}: xmr.data.relevance), which
+    # the test evaluation scores beside the paired captions; empty where there are none (any split but test)
+    judgements: dict = field(default_factory=dict)
 
 
 class PairedFeatures(Dataset):

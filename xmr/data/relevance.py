@@ -106,6 +106,16 @@ class RelevanceJudgements:
         """(num_images,) int64: how many captions are judged for each image query."""
         return torch.bincount(self.image_index, minlength=self.num_images)
 
+    def first_images(self, count: int) -> RelevanceJudgements:
+        """The judgements among the split's first ``count`` images (both sides), for a subset of the split
+        (``ImageCaptionSplit.subset``)."""
+        if count >= self.num_images:
+            return self
+        keep = (self.image_index < count) & (self.caption_index < count * self.captions_per_image)
+        rows = {name: value[keep] for name, value in vars(self).items()
+                if isinstance(value, torch.Tensor) and value.shape[0] == self.num_pairs}
+        return dataclasses.replace(self, num_images=count, **rows)
+
 
 @dataclass(frozen=True)
 class ExpertJudgements(RelevanceJudgements):

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..encoders import TextBackbone
-from ..features import ExtractionSettings, text_features
 from .root import DatasetLayout
 
 CAPTIONS_PER_IMAGE = 5
@@ -92,13 +90,3 @@ def load_test_captions(dataset: str, split: str = "test", root: str | os.PathLik
         raise TEST_CAPTIONS.malformed(f"{path}: {len(lines)} lines are not {CAPTIONS_PER_IMAGE} captions per image",
                                       directory)
     return CaptionSet(dataset, split, tuple(line.strip() for line in lines))
-
-
-def pooled_caption_features(captions: CaptionSet, backbone: TextBackbone | None = None,
-                            settings: ExtractionSettings | None = None) -> torch.Tensor:
-    """(M, 384) float32 mean-pooled all-MiniLM-L6-v2 features of every caption, cached on disk.
-
-    Only the pooled features are stored (:func:`xmr.features.text_features` with ``pooled_only=True``): 25,000
-    COCO captions would take about 1 GB with their token features.
-    """
-    return text_features(captions, backbone, settings, pooled_only=True)["pooled"]

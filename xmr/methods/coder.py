@@ -27,10 +27,10 @@ Equation numbers are the paper's.
 - **Memory banks** (Sec. 3.2, :class:`MomentumQueue`, :func:`momentum_encoder`, :func:`momentum_update`):
   MoCo-style FIFO queues of momentum keys (size 4096) and key encoders updated as
   ``theta_k <- m theta_k + (1 - m) theta_q`` with m = 0.995, never touched by the optimiser.
-- **PGC** (Eq. 7, :func:`kmeans`, :class:`PrototypeClassificationLoss`): Euclidean k-means (the paper cites
-  plain K-means, Jain 2010) with seeded k-means++ initialisation and a fixed number of Lloyd iterations, on the
-  training device; a linear head ``P^C`` (K x F, no bias) predicts the cluster of both concept features with
-  cross-entropy; ``loss = L_cls(P_v, Z) + L_cls(P_w, Z)``.
+- **PGC** (Eq. 7, :func:`xmr.cluster.kmeans`, :class:`PrototypeClassificationLoss`): Euclidean k-means (the
+  paper cites plain K-means, Jain 2010) with seeded k-means++ initialisation and a fixed number of Lloyd
+  iterations, on the training device; a linear head ``P^C`` (K x F, no bias) predicts the cluster of both concept
+  features with cross-entropy; ``loss = L_cls(P_v, Z) + L_cls(P_w, Z)``.
 - **Concept branch** (Eq. 2, :class:`ConceptBranch`): g concept words mined from the training captions
   (:func:`mine_concepts`), word vectors (the paper: GloVe-300; here the input word-piece embeddings of
   all-MiniLM-L6-v2, :func:`concept_word_vectors`), a 2-layer GCN over the thresholded co-occurrence graph
@@ -61,11 +61,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
-from ..data import PairedFeatures
+from ..cluster import KMeansResult, kmeans
+from ..data import CaptionInputs, PairedFeatures
 from ..encoders import GPO, ProjectionHead, Tower, count_trainable_parameters, sort_regions
-from ..experiment import CaptionInputs, ExperimentOutcome
 from ..losses import check_feature_pairs
-from ..train import TrainConfig, encode, evaluate_retrieval_per_query, fit
+from ..outcome import Outcome
+from ..train import RetrievalValidator, TrainConfig, encode, evaluate_retrieval_per_query, fit
 
 PAPER_ID = "coder2022"
 
@@ -300,111 +301,8 @@ def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, momentum: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Prototype-guided classification (Eq. 7): k-means and the prototype head
+# Prototype-guided classification (Eq. 7): the prototype head (k-means: xmr.cluster)
 # ---------------------------------------------------------------------------------------------------------------
-
-def _squared_distances(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """(N, K) squared Euclidean distances, clamped at 0."""
-    return (points.pow(2).sum(1, keepdim=True) - 2 * points @ centroids.T + centroids.pow(2).sum(1)).clamp_min(0)
-
-
-def _nearest(points: torch.Tensor, centroids: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of and squared distance to the nearest centroid (N,), computed in chunks of points."""
-    labels, distances = [], []
-    for start in range(0, len(points), chunk):
-        best = _squared_distances(points[start:start + chunk], centroids).min(dim=1)
-        labels.append(best.indices)
-        distances.append(best.values)
-    return torch.cat(labels), torch.cat(distances)
-
-
-def _kmeans_plus_plus(points: torch.Tensor, num_clusters: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): each next centre drawn with probability ~ D(x)^2."""
-    first = torch.randint(len(points), (1,), generator=generator).item()
-    centroids = points[first:first + 1]
-    closest = _squared_distances(points, centroids)[:, 0]  # (N,)
-    for _ in range(1, num_clusters):
-        if float(closest.sum()) > 0:
-            index = torch.multinomial(closest.cpu().double(), 1, generator=generator).item()
-        else:  # every point coincides with a centre: any point will do
-            index = torch.randint(len(points), (1,), generator=generator).item()
-        centroids = torch.cat([centroids, points[index:index + 1]])
-        closest = torch.minimum(closest, _squared_distances(points, points[index:index + 1])[:, 0])
-    return centroids
-
-
-@dataclass
-class KMeansResult:
-    labels: torch.Tensor  # (N,) cluster of each point
-    centroids: torch.Tensor  # (K, D)
-    inertia: float  # sum of squared distances to the assigned centroid
-    iterations: int
-
-
-@torch.no_grad()
-def kmeans(features: torch.Tensor, num_clusters: int, iterations: int = 20, init: str = "k-means++",
-           metric: str = "euclidean", seed: int = 0, restarts: int = 1,
-           initial_centroids: torch.Tensor | None = None) -> KMeansResult:
-    """Lloyd's k-means on ``features`` (N, D) on their own device, at most ``iterations`` iterations (it stops
-    early once no assignment changes).
-
-    ``metric="euclidean"`` is plain k-means, as the paper cites; ``"cosine"`` L2-normalises the points and the
-    centroids (spherical k-means). ``init`` is ``"k-means++"`` or ``"random"`` (K distinct points), both drawn
-    from a CPU generator seeded with ``seed``. An empty cluster is re-seeded with the point farthest from its
-    centroid. ``restarts`` runs that many initialisations and keeps the lowest inertia (scikit-learn's
-    ``n_init``). ``initial_centroids`` (K, D) warm-starts Lloyd's iterations instead (one run): re-clustering
-    drifting features from the previous centroids keeps the cluster ids stable.
-    """
-    if metric not in ("euclidean", "cosine"):
-        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
-    if init not in ("k-means++", "random"):
-        raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
-    if restarts < 1:
-        raise ValueError(f"restarts must be at least 1, got {restarts}")
-    points = features.detach().float()
-    if metric == "cosine":
-        points = F.normalize(points, dim=1)
-    if not 1 <= num_clusters <= len(points):
-        raise ValueError(f"num_clusters must be in 1..{len(points)}, got {num_clusters}")
-    generator = torch.Generator().manual_seed(seed)
-    if initial_centroids is not None:
-        if initial_centroids.shape != (num_clusters, points.shape[1]):
-            raise ValueError(f"initial_centroids must be ({num_clusters}, {points.shape[1]}), "
-                             f"got {tuple(initial_centroids.shape)}")
-        return _lloyd(points, num_clusters, iterations, init, metric, generator, initial_centroids)
-    runs = [_lloyd(points, num_clusters, iterations, init, metric, generator) for _ in range(restarts)]
-    return min(runs, key=lambda run: run.inertia)
-
-
-def _lloyd(points: torch.Tensor, num_clusters: int, iterations: int, init: str, metric: str,
-           generator: torch.Generator, initial_centroids: torch.Tensor | None = None) -> KMeansResult:
-    if initial_centroids is not None:
-        centroids = initial_centroids.detach().to(points.device, points.dtype).clone()
-        if metric == "cosine":
-            centroids = F.normalize(centroids, dim=1)
-    elif init == "random":
-        centroids = points[torch.randperm(len(points), generator=generator)[:num_clusters].to(points.device)]
-    else:
-        centroids = _kmeans_plus_plus(points, num_clusters, generator)
-    labels, distances = _nearest(points, centroids)
-    done = 0
-    for done in range(1, iterations + 1):
-        sums = torch.zeros_like(centroids).index_add_(0, labels, points)  # (K, D)
-        counts = torch.bincount(labels, minlength=num_clusters).to(points.dtype)  # (K,)
-        centroids = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
-        for cluster in torch.nonzero(counts == 0).flatten().tolist():
-            farthest = int(distances.argmax())
-            centroids[cluster] = points[farthest]
-            distances[farthest] = 0
-        if metric == "cosine":
-            centroids = F.normalize(centroids, dim=1)
-        new_labels, distances = _nearest(points, centroids)
-        changed = bool((new_labels != labels).any())
-        labels = new_labels
-        if not changed:
-            break
-    return KMeansResult(labels, centroids, float(distances.sum()), done)
-
 
 class PrototypeClassificationLoss(nn.Module):
     """Prototype-guided classification (Eq. 7): ``P_v = softmax(P^C v^C)``, ``P_w = softmax(P^C w^C)`` with one
@@ -687,24 +585,27 @@ class CODERModel(nn.Module):
         self.last_clustering: KMeansResult | None = None
 
     # --- encoding -------------------------------------------------------------------------------------------
-    def backbone_features(self, images: torch.Tensor | None = None, texts: torch.Tensor | None = None,
-                          mask: torch.Tensor | None = None) -> tuple:
-        """What the aggregators read, per given modality: ``(features, mask)``. With ``"mean"`` aggregation the
-        pooled backbone features (B, D) and None; with ``"gpo"`` the regions/tokens sorted per dimension
+    def _aggregator_inputs(self, tower: Tower, inputs: torch.Tensor,
+                           mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.settings.aggregation == "mean":
+            return tower(inputs, mask), None
+        regions = tower.regions(inputs, mask)
+        if regions.dim() != 3:
+            raise ValueError("aggregation='gpo' reads region/token features (B, L, D), got pooled "
+                             f"{tuple(regions.shape)}: load them with load_caption_inputs(..., regions=True)")
+        return sort_regions(regions, mask)
+
+    def image_backbone_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the image aggregators of Eq. (1)/(2) read: ``(features, mask)``. With ``"mean"`` aggregation the
+        pooled backbone features (B, D) and None; with ``"gpo"`` the regions (B, L, D) sorted per dimension
         (:func:`xmr.encoders.sort_regions`; every GPO of the model reads them presorted) and their sorted mask."""
-        outputs = []
-        for tower, inputs, inputs_mask in ((self.image_backbone, images, None), (self.text_backbone, texts, mask)):
-            if inputs is None:
-                continue
-            if self.settings.aggregation == "mean":
-                outputs.append((tower(inputs, inputs_mask), None))
-                continue
-            regions = tower.regions(inputs, inputs_mask)
-            if regions.dim() != 3:
-                raise ValueError("aggregation='gpo' reads region/token features (B, L, D), got pooled "
-                                 f"{tuple(regions.shape)}: load them with load_caption_inputs(..., regions=True)")
-            outputs.append(sort_regions(regions, inputs_mask))
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        return self._aggregator_inputs(self.image_backbone, images, None)
+
+    def text_backbone_features(self, texts: torch.Tensor,
+                               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the caption aggregators of Eq. (1)/(2) read: ``(features, mask)``, as
+        :meth:`image_backbone_features` for the tokens (B, L, D) and their ``mask`` (B, L)."""
+        return self._aggregator_inputs(self.text_backbone, texts, mask)
 
     @staticmethod
     def _concept_query(pooling: nn.Module | None, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -718,7 +619,7 @@ class CODERModel(nn.Module):
         return torch.cat([beta ** 0.5 * instance, (1 - beta) ** 0.5 * F.normalize(concept, dim=-1)], dim=-1)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        features, mask = self.backbone_features(images=images)
+        features, mask = self.image_backbone_features(images)
         concept = None
         if self.concept_branch is not None:
             query = self._concept_query(self.image_concept_pooling, features, mask)  # (B, D_image)
@@ -726,7 +627,7 @@ class CODERModel(nn.Module):
         return self._fuse(self.image_head(features, mask), concept)
 
     def encode_text(self, texts: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        features, mask = self.backbone_features(texts=texts, mask=mask)
+        features, mask = self.text_backbone_features(texts, mask)
         concept = None
         if self.concept_branch is not None:
             query = self._concept_query(self.text_concept_pooling, features, mask)  # (B, D_text)
@@ -735,11 +636,11 @@ class CODERModel(nn.Module):
 
     def encode_image_instances(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised instance features v^I (B, F) (no concepts)."""
-        return F.normalize(self.image_head(*self.backbone_features(images=images)), dim=-1)
+        return F.normalize(self.image_head(*self.image_backbone_features(images)), dim=-1)
 
     def encode_text_instances(self, texts: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised instance features w^I (B, F) (no concepts)."""
-        return F.normalize(self.text_head(*self.backbone_features(texts=texts, mask=mask)), dim=-1)
+        return F.normalize(self.text_head(*self.text_backbone_features(texts, mask)), dim=-1)
 
     def encode_instances(self, images: torch.Tensor, texts: torch.Tensor,
                          mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -749,9 +650,9 @@ class CODERModel(nn.Module):
     # --- training -------------------------------------------------------------------------------------------
     def training_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         settings = self.settings
-        # (B, D) pooled features, or (B, L, D) sorted regions/tokens with their masks (see backbone_features)
-        (image_features, image_mask), (text_features, text_mask) = self.backbone_features(
-            batch["image"], batch["text"], batch.get("text_mask"))
+        # (B, D) pooled features, or (B, L, D) sorted regions/tokens with their masks (see image_backbone_features)
+        image_features, image_mask = self.image_backbone_features(batch["image"])
+        text_features, text_mask = self.text_backbone_features(batch["text"], batch.get("text_mask"))
         # The global batch under torchrun (every rank's rows, rank order; gradients scaled as in
         # xmr.distributed); unchanged in a single process. From here on B is the global batch.
         (image_features, text_features, image_mask, text_mask, image_index), _ = distributed.gather_loss_inputs(
@@ -867,24 +768,28 @@ def build_coder_model(settings: CODERSettings, captions: Sequence[str] | None = 
 
 def run_coder(settings: CODERSettings, config: TrainConfig, train: CaptionInputs, validation: CaptionInputs,
               test: CaptionInputs, captions: Sequence[str], word_vectors: torch.Tensor | None = None,
-              caption_choice: str = "all", image_top: int = 0, text_top: int = 0) -> ExperimentOutcome:
+              caption_choice: str = "all", image_top: int = 0, text_top: int = 0) -> Outcome:
     """Build a CODER model (seeded by ``config.seed``, which also seeds k-means), train it on ``train`` with
-    :func:`xmr.train.fit` (``caption_choice="all"``: an epoch over every caption; ``"random"``: one caption per
-    image per epoch), restore the best validation epoch and evaluate it on ``test``. The inputs are what
-    :func:`xmr.experiment.load_caption_inputs` gives for ``image_top`` / ``text_top`` (> 0: the backbones' top
-    stages are trained too, on the cached activations below them). ``captions`` are the training captions the
-    concepts are mined from; ``word_vectors`` their precomputed vectors (see :func:`concept_word_vectors`),
-    shared between runs."""
+    :func:`xmr.train.fit` on Eq. (8) (``caption_choice="all"``: an epoch over every caption; ``"random"``: one
+    caption per image per epoch), restore the best validation epoch and evaluate it on ``test`` with the fused
+    similarity (Sec. 3.5). The inputs are what :func:`xmr.features.load_caption_inputs` gives for ``image_top`` /
+    ``text_top`` (> 0: the backbones' top stages are trained too, on the cached activations below them).
+    ``captions`` are the training captions the concepts are mined from; ``word_vectors`` their precomputed vectors
+    (see :func:`concept_word_vectors`), shared between runs. The outcome's parameters are the settings (with the
+    config's seed), the config, ``caption_choice``, ``image_top`` and ``text_top``."""
     torch.manual_seed(config.seed)
+    settings = dataclasses.replace(settings, seed=config.seed)
     image_dim = None if image_top else train.image.shape[-1]  # frozen inputs: their own dims
     text_dim = None if text_top else train.text.shape[-1]
-    model = build_coder_model(dataclasses.replace(settings, seed=config.seed), captions, image_dim, text_dim,
-                              image_top, text_top, word_vectors=word_vectors)
+    model = build_coder_model(settings, captions, image_dim, text_dim, image_top, text_top,
+                              word_vectors=word_vectors)
     if settings.prototypes:
         model.set_clustering_inputs(train.image, train.text, train.text_mask, train.captions_per_image)
     pairs = PairedFeatures(train.image, train.text, train.text_mask, train.captions_per_image,
                            caption_choice=caption_choice, seed=config.seed)
-    training = fit(model, pairs, config, validate=validation.validator())
-    test_metrics, per_query = evaluate_retrieval_per_query(model, test.image, test.text, test.text_mask,
-                                                           test.captions_per_image)
-    return ExperimentOutcome(model, training, test_metrics, per_query, count_trainable_parameters(model))
+    training = fit(model, pairs, config, validate=RetrievalValidator.for_split(validation))
+    test_metrics, per_query = evaluate_retrieval_per_query(model, test)
+    parameters = {**dataclasses.asdict(settings), **dataclasses.asdict(config), "caption_choice": caption_choice,
+                  "image_top": image_top, "text_top": text_top}
+    return Outcome(model, parameters, {"train": training}, test_metrics, per_query,
+                   count_trainable_parameters(model), str(config.resolved_device()))

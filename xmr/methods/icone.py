@@ -22,32 +22,33 @@ numbers are the paper's.
 
 The encoders are the project's (:mod:`xmr.encoders`). Frozen encoders give exactly their cached pooled features,
 so Stage I trains on those (fast); a stage that fine-tunes the top ``k`` stages/layers of an encoder reads the
-cached activations below them (``load_caption_inputs(split, image_top=k, text_top=k)``). :func:`enter_stage`
-is the switch: it builds the next stage's model (towers with the stage's trainable tops) and carries every
-trained parameter of the previous one over (projection heads, ``W_share``, tops trained before); the tops it
-adds start from the pretrained weights, which is what the frozen encoder of the previous stage computed.
+cached activations below them (:func:`xmr.features.load_caption_inputs` with ``image_top=k, text_top=k``).
+:func:`enter_stage` is the switch: it builds the next stage's model (towers with the stage's trainable tops) and
+carries every trained parameter of the previous one over (projection heads, ``W_share``, tops trained before);
+the tops it adds start from the pretrained weights, which is what the frozen encoder of the previous stage
+computed.
 
-Also here, for the notebook: a text encoder trained from scratch (:class:`ScratchTextEncoder`, a GRU over
-word pieces, the paper's Table 4 "GRU" rows) and a t-SNE plot of the joint space (:func:`plot_joint_space_tsne`,
-the paper's Figs. 4-5).
+Also here: a text encoder trained from scratch (:class:`ScratchTextEncoder`, a GRU over word pieces, the paper's
+Table 4 "GRU" rows). The paper's Figs. 4-5 are :func:`xmr.plots.plot_joint_space_tsne` and
+:func:`xmr.metrics.joint_space_silhouette`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import PairedFeatures
+from ..data import CaptionInputs, PairedFeatures
 from ..encoders import DualEncoder, ProjectionHead, Tower, count_trainable_parameters, masked_mean
-from ..experiment import CaptionInputs, DualEncoderSettings, build_dual_encoder
+from ..experiment import DualEncoderSettings, build_dual_encoder
 from ..losses import InfoNCELoss
-from ..train import TrainConfig, TrainResult, evaluate_retrieval_per_query, fit
+from ..outcome import Outcome
+from ..train import RetrievalValidator, TrainConfig, TrainResult, evaluate_retrieval_per_query, fit
 
 PAPER_ID = "icone2024"
 
@@ -299,23 +300,12 @@ InputsByTops = Callable[[tuple[int, int]], Mapping[str, CaptionInputs]]
 
 
 @dataclass
-class IConEOutcome:
-    model: IConEModel
-    stages: list[Stage]
-    training: list[TrainResult]  # one per stage
-    test_metrics: dict
-    per_query: dict  # the test ranks the metrics come from
-    trainable_parameters: int  # in the last stage
-    wall_time_s: float
+class IConEOutcome(Outcome):
+    """A :func:`run_schedule` :class:`~xmr.outcome.Outcome` that keeps its schedule, so that another run can
+    continue it (``start=``). ``stages`` is keyed by position and name (``"1_I"``, ``"2_II"``): names repeat when
+    Stage II variants continue one shared Stage I."""
 
-    @property
-    def history(self) -> list[dict]:
-        """Every epoch of every stage, numbered on from stage to stage, with the stage's name."""
-        rows, offset = [], 0
-        for stage, result in zip(self.stages, self.training):
-            rows += [{**row, "stage": stage.name, "epoch": row["epoch"] + offset} for row in result.history]
-            offset += len(result.history)
-        return rows
+    schedule: list[Stage] = field(default_factory=list)  # every stage trained, in order
 
 
 def train_stage(model: IConEModel, stage: Stage, config: TrainConfig, train: CaptionInputs,
@@ -325,22 +315,22 @@ def train_stage(model: IConEModel, stage: Stage, config: TrainConfig, train: Cap
     pairs = PairedFeatures(train.image, train.text, train.text_mask, train.captions_per_image,
                            caption_choice=stage.captions, seed=config.seed)
     stage_config = dataclasses.replace(config, max_epochs=stage.epochs, lr=stage.lr)
-    return fit(model, pairs, stage_config, validate=validation.validator())
+    return fit(model, pairs, stage_config, validate=RetrievalValidator.for_split(validation))
 
 
 def run_schedule(settings: IConESettings, stages: Sequence[Stage], config: TrainConfig, inputs: InputsByTops,
                  start: IConEOutcome | None = None) -> IConEOutcome:
     """Train ``stages`` in turn, switching models with :func:`enter_stage`, and evaluate on the test split.
 
-    ``inputs(tops)`` returns the ``"train"``, ``"dev"`` and ``"test"`` :class:`~xmr.experiment.CaptionInputs`
-    for a stage's (image_top, text_top). ``start`` continues from an earlier outcome (e.g. one Stage I model
-    shared by several Stage II variants); it is not changed. The seed of ``config`` seeds the new parameters.
+    ``inputs(tops)`` returns the ``"train"``, ``"dev"`` and ``"test"`` :class:`~xmr.data.CaptionInputs` for a
+    stage's (image_top, text_top). ``start`` continues from an earlier outcome (e.g. one Stage I model shared by
+    several Stage II variants), whose stages the result includes; it is not changed. The seed of ``config`` seeds
+    the new parameters. The outcome's parameters are ``settings``, ``config`` and every stage (``"stages"``).
     """
     if not stages:
         raise ValueError("no stage to train")
-    started = time.perf_counter()
     model = start.model if start is not None else None
-    done_stages, results = (list(start.stages), list(start.training)) if start is not None else ([], [])
+    schedule, results = (list(start.schedule), list(start.stages.values())) if start is not None else ([], [])
     for stage in stages:
         data = inputs(stage.tops)  # may build backbones (random initialisation before loading weights): seed after
         torch.manual_seed(config.seed)
@@ -349,33 +339,14 @@ def run_schedule(settings: IConESettings, stages: Sequence[Stage], config: Train
         else:
             model = enter_stage(model, stage, settings)
         results.append(train_stage(model, stage, config, data["train"], data["dev"]))
-        done_stages.append(stage)
+        schedule.append(stage)
     test = inputs(stages[-1].tops)["test"]
-    metrics, per_query = evaluate_retrieval_per_query(model, test.image, test.text, test.text_mask,
-                                                      test.captions_per_image)
-    elapsed = time.perf_counter() - started + (start.wall_time_s if start is not None else 0.0)
-    return IConEOutcome(model, done_stages, results, metrics, per_query, count_trainable_parameters(model), elapsed)
-
-
-def record_schedule(results_dir, run_name: str, outcome: IConEOutcome, settings: IConESettings,
-                    config: TrainConfig, dataset: str = "flickr8k", extra_parameters: dict | None = None):
-    """Write the result file of one :func:`run_schedule` run (paper id ``icone2024``)."""
-    from ..results import staged_training, write_result
-
+    metrics, per_query = evaluate_retrieval_per_query(model, test)
     parameters = {**dataclasses.asdict(settings), **dataclasses.asdict(config),
-                  "stages": [dataclasses.asdict(stage) for stage in outcome.stages], **(extra_parameters or {})}
-    last = outcome.training[-1]
-    # stage names repeat when a Stage II variant continues a shared Stage I: number them in order
-    training = staged_training({f"{index}_{stage.name}": result.record()
-                                for index, (stage, result) in enumerate(zip(outcome.stages, outcome.training), 1)})
-    return write_result(
-        results_dir, PAPER_ID, run_name, parameters=parameters, dataset=dataset, split="test",
-        metrics={**outcome.test_metrics, **{f"val_{k}": v for k, v in last.best_metrics.items()}},
-        training={**training, "wall_time_s": outcome.wall_time_s}, per_query=outcome.per_query,
-        history=outcome.history, device=config.resolved_device(),
-        extra={"trainable_parameters": outcome.trainable_parameters,
-               "pairs_per_second": [result.pairs_per_second for result in outcome.training]},
-    )
+                  "stages": [dataclasses.asdict(stage) for stage in schedule]}
+    trained = {f"{index}_{stage.name}": result for index, (stage, result) in enumerate(zip(schedule, results), 1)}
+    return IConEOutcome(model, parameters, trained, metrics, per_query, count_trainable_parameters(model),
+                        str(config.resolved_device()), schedule=schedule)
 
 
 def tokenized_caption_inputs(split, image: torch.Tensor, tokenizer: Callable) -> CaptionInputs:
@@ -385,57 +356,6 @@ def tokenized_caption_inputs(split, image: torch.Tensor, tokenizer: Callable) ->
     return CaptionInputs(image, tokens["input_ids"], tokens["attention_mask"], split.captions_per_image)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Figures 4-5: t-SNE of the joint space
-# ---------------------------------------------------------------------------------------------------------------
-
-def plot_joint_space_tsne(panels: Mapping[str, tuple[torch.Tensor, torch.Tensor]], captions_per_image: int = 5,
-                          seed: int = 0, perplexity: float = 15.0):
-    """One t-SNE panel per entry of ``panels`` (title -> (image_features (N, D), text_features (N*k, D))).
-
-    Colour = instance group (an image and its captions), marker = modality (o image, x caption), as in the
-    paper's Figs. 4-5. Each title adds the silhouette score of the groups in the joint space itself (cosine,
-    before t-SNE): near 1 when every group is a tight cluster of its image and captions, near 0 or below when
-    groups overlap. Returns the figure.
-    """
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from sklearn.manifold import TSNE
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
-    colours = plt.get_cmap("tab20")
-    for axis, (title, (image_features, text_features)) in zip(axes[0], panels.items()):
-        num_images = len(image_features)
-        groups = np.concatenate([np.arange(num_images), np.arange(len(text_features)) // captions_per_image])
-        points = F.normalize(torch.cat([image_features.float(), text_features.float()]).cpu(), dim=-1).numpy()
-        silhouette = joint_space_silhouette(image_features, text_features, captions_per_image)
-        embedded = TSNE(n_components=2, perplexity=min(perplexity, (len(points) - 1) / 3), init="pca",
-                        random_state=seed).fit_transform(points)
-        for group in range(num_images):
-            colour = colours(group % 20)
-            captions = num_images + np.flatnonzero(groups[num_images:] == group)
-            axis.scatter(*embedded[group], color=colour, marker="o", s=70, edgecolors="black", linewidths=0.6)
-            axis.scatter(embedded[captions, 0], embedded[captions, 1], color=colour, marker="x", s=30)
-        axis.set_title(f"{title}\nsilhouette of the groups: {silhouette:.2f}", fontsize=10)
-        axis.set_xticks([]), axis.set_yticks([])
-    handles = [plt.Line2D([], [], color="gray", marker="o", linestyle="", markeredgecolor="black", label="image"),
-               plt.Line2D([], [], color="gray", marker="x", linestyle="", label="caption")]
-    axes[0][-1].legend(handles=handles, loc="lower right", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def joint_space_silhouette(image_features: torch.Tensor, text_features: torch.Tensor,
-                           captions_per_image: int = 5) -> float:
-    """The silhouette score of :func:`plot_joint_space_tsne`'s titles, alone (cosine, groups = instances)."""
-    from sklearn.metrics import silhouette_score
-
-    groups = torch.cat([torch.arange(len(image_features)), torch.arange(len(text_features)) // captions_per_image])
-    points = F.normalize(torch.cat([image_features.float(), text_features.float()]).cpu(), dim=-1)
-    return float(silhouette_score(points.numpy(), groups.numpy(), metric="cosine"))
-
-
 __all__ = ["PAPER_ID", "InstanceLoss", "IConELoss", "IConEModel", "IConEOutcome", "IConESettings", "Stage",
-           "ScratchTextEncoder", "build_icone_model", "enter_stage", "joint_space_silhouette",
-           "literal_eq6_image_to_text", "paper_stages", "plot_joint_space_tsne", "record_schedule",
+           "ScratchTextEncoder", "build_icone_model", "enter_stage", "literal_eq6_image_to_text", "paper_stages",
            "run_schedule", "tokenized_caption_inputs", "train_stage"]

@@ -11,22 +11,16 @@ The paper trains three things one after the other, each with a single responsibi
 3. **Semantic shared space** (Sec. 3.3): with both spaces fixed, "a linear layer" reduces "the distance between
    all feature pairs"; it can be retrained at any time on its own, with few parameters.
 
-**Eqs. (2)/(4) cannot work as printed.** ``L = sum_i | ||F_i - F_{i+1}|| + F_i . F_{i+1} |`` has no negatives,
-and for unit vectors at cosine ``c`` a term is ``sqrt(2 - 2c) + c``: 1 at ``c = 1`` *and* at ``c = -1`` (its
-maximum, 1.5, is at ``c = 1/2``), so it cannot tell a positive pair from an opposite one, and every feature
-collapsing onto one point is a global minimum. The faithful reading, used by default, is **supervised
-contrastive learning** within the modality (:class:`SemanticContrastiveLoss`; Khosla et al. 2020, the
-"L_out" form): positives are the other members of the anchor's set, negatives everything else in the batch.
-``printed_formula=True`` runs Eq. (2) as printed, over consecutive members of each positive set.
+**Eqs. (2)/(4) cannot work as printed**: they have no negatives, cost the same at cosine 1 and -1, and are
+minimised by every feature collapsing onto one point (:func:`xmr.losses.printed_term_of_cosine`). The faithful
+reading, used by default, is supervised contrastive learning within the modality
+(:class:`xmr.losses.SupervisedContrastiveLoss`); ``printed_formula=True`` runs Eq. (2) as printed.
 
-What is a positive set here:
-
-- *text*: the captions of the same image (:class:`CaptionGroups`: one item = all 5 captions of an image);
-- *images*: views of the same image and, where classes exist, images of the same class
-  (:class:`RegionCropViews`). The project trains on cached backbone features, not pixels, so a "view" is a
-  random crop of the backbone's final 7 x 7 region grid, mean-pooled: the full grid's mean is exactly the pooled
-  feature used everywhere else, and a crop keeps the regions of a sub-rectangle of the image (each region's
-  receptive field is larger than its cell, so this is milder than a pixel crop). Flickr8k has no classes.
+What is a positive set here (:mod:`xmr.data.views`): for text, the captions of one image
+(:class:`~xmr.data.views.CaptionGroups`); for images, views of one image and, where classes exist, images of one
+class (:class:`~xmr.data.views.RegionCropViews`). The project trains on cached backbone features, so a "view" is
+a random crop of the backbone's 7 x 7 region grid, mean-pooled. Flickr8k has no classes. The text space is
+selected by caption-to-caption MAP (:func:`xmr.metrics.caption_retrieval_metrics`, :class:`CaptionRetrievalValidator`).
 
 At the project's CPU scale the "encoders" being trained are the projection heads on frozen EfficientNet-Lite0
 and all-MiniLM-L6-v2 features: the same heads as the joint baseline (:func:`xmr.experiment.run_dual_encoder`),
@@ -36,98 +30,35 @@ the frozen spaces' features encoded once (:func:`train_mapping`; :func:`map_spac
 e.g. the backbones' own, :class:`PretrainedSpace`). Its objective is read two ways: Fig. 4 is captioned
 "contrastive learning with the same feature semantics", so the default is InfoNCE on the pairs (the joint
 baseline's loss too); the text of Sec. 3.3, "reducing the distance between all feature pairs", is
-:class:`PairDistanceLoss` (``mapping_loss="distance"``).
-
-Also here: caption-to-caption retrieval (:func:`caption_retrieval_metrics`; the other captions of the query's
-image are the relevant ones), used to select the text space and for the cross-dataset test of Table 3's spirit.
+:class:`PairDistanceLoss` (``mapping_loss="distance"``). :func:`training_costs` gives the costs Sec. 3.3's
+claims are about.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
-from ..data import PairedFeatures, load_flickr8k
-from ..encoders import IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, ImageBackbone, ProjectionHead, count_trainable_parameters
-from ..experiment import CaptionInputs
-from ..features import ExtractionSettings, image_features
-from ..losses import InfoNCELoss
-from ..results import staged_training, write_result
-from ..train import TrainConfig, TrainResult, encode, evaluate_retrieval_per_query, fit
+from ..data import CaptionInputs, PairedFeatures
+from ..data.views import CaptionGroups, RegionCropViews
+from ..encoders import IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, ProjectionHead, count_trainable_parameters
+from ..losses import InfoNCELoss, SupervisedContrastiveLoss
+from ..metrics import caption_retrieval_metrics
+from ..outcome import Outcome
+from ..train import RetrievalValidator, TrainConfig, TrainResult, encode, evaluate_retrieval_per_query, fit
 
 PAPER_ID = "shi2024"
 STAGES = ("text_space", "image_space", "mapping")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Losses
+# Stage 3 losses
 # ---------------------------------------------------------------------------------------------------------------
-
-def printed_term_of_cosine(cosine: torch.Tensor) -> torch.Tensor:
-    """One term of Eq. (2)/(4) for two unit vectors at cosine ``c``: ``|sqrt(2 - 2c) + c|`` (for plots)."""
-    return ((2 - 2 * cosine).clamp(min=0).sqrt() + cosine).abs()
-
-
-class SemanticContrastiveLoss(nn.Module):
-    """Within-modality contrastive loss of Secs. 3.1-3.2 over (N, D) L2-normalised features with set labels.
-
-    Default, the faithful reading: supervised contrastive learning (SupCon "L_out", Khosla et al. 2020). With
-    ``s_ij = f_i . f_j / temperature``, ``P(i)`` the other items with ``i``'s label and ``A(i)`` all items but
-    ``i``: ``loss_i = -1/|P(i)| sum_{p in P(i)} log( exp(s_ip) / sum_{a in A(i)} exp(s_ia) )``, averaged over the
-    anchors that have a positive (0 when none has). The paper gives no temperature: 0.1 (SupCon's best).
-
-    ``printed_formula=True``: Eq. (2)/(4) as printed, ``sum_i | ||F_i - F_{i+1}|| + F_i . F_{i+1} |`` over rows
-    ``i, i+1`` that share a label (consecutive members of a positive set; all consecutive rows when ``labels``
-    is None). It is minimised by cosine 1 and cosine -1 alike and by a collapse of every feature onto one point;
-    it is kept only to show that (see the module docstring).
-    """
-
-    def __init__(self, temperature: float = 0.1, printed_formula: bool = False):
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        self.temperature, self.printed_formula = float(temperature), printed_formula
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        if features.dim() != 2 or len(features) == 0:
-            raise ValueError(f"expected a non-empty (N, D) tensor, got {tuple(features.shape)}")
-        if labels is not None and labels.shape != features.shape[:1]:
-            raise ValueError(f"labels must have shape ({len(features)},), got {tuple(labels.shape)}")
-        if self.printed_formula:
-            return {"loss": self._printed(features, labels)}
-        if labels is None:
-            raise ValueError("supervised contrastive learning needs labels (the positive sets)")
-        return {"loss": self._supervised_contrastive(features, labels)}
-
-    @staticmethod
-    def _printed(features: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        first, second = features[:-1], features[1:]  # (N-1, D): rows i and i+1
-        terms = (torch.linalg.vector_norm(first - second, dim=1) + (first * second).sum(dim=1)).abs()  # (N-1,)
-        if labels is not None:
-            terms = terms * (labels[:-1] == labels[1:])  # only pairs inside one positive set
-        return terms.sum()
-
-    def _supervised_contrastive(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        count = len(features)
-        is_self = torch.eye(count, dtype=torch.bool, device=features.device)  # (N, N)
-        is_positive = (labels[:, None] == labels[None, :]) & ~is_self  # (N, N)
-        positives_per_anchor = is_positive.sum(dim=1)  # (N,)
-        has_positive = positives_per_anchor > 0
-        if not bool(has_positive.any()):
-            return features.sum() * 0.0  # no positive pair in the batch: nothing to pull together
-        logits = (features @ features.T / self.temperature).masked_fill(is_self, -torch.inf)  # (N, N)
-        log_probability = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # (N, N), -inf on the diagonal
-        positive_sum = log_probability.masked_fill(~is_positive, 0.0).sum(dim=1)  # (N,)
-        per_anchor = -positive_sum[has_positive] / positives_per_anchor[has_positive]  # (N_with_positives,)
-        return per_anchor.mean()
-
 
 class PairDistanceLoss(nn.Module):
     """Stage 3 as printed (Sec. 3.3): reduce the distance between the features of each image-text pair.
@@ -152,79 +83,6 @@ def make_mapping_loss(name: str, temperature: float = 0.07) -> nn.Module:
     if name == "infonce":
         return InfoNCELoss(temperature=temperature)
     raise ValueError(f"unknown mapping loss {name!r}: use 'distance' or 'infonce'")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Positive sets
-# ---------------------------------------------------------------------------------------------------------------
-
-class CaptionGroups(Dataset):
-    """Stage 1 data: one item per image holding all its captions' inputs, a positive set.
-
-    ``text`` is (N * captions_per_image, C), image-major. An item is ``{"text": (captions_per_image, C),
-    "label": image index}``.
-    """
-
-    def __init__(self, text: torch.Tensor, captions_per_image: int = 5):
-        if len(text) == 0 or len(text) % captions_per_image:
-            raise ValueError(f"{len(text)} captions are not a positive multiple of {captions_per_image}")
-        self.text, self.captions_per_image = text, captions_per_image
-
-    def __len__(self) -> int:
-        return len(self.text) // self.captions_per_image
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        start = index * self.captions_per_image
-        label = torch.tensor(index)
-        return {"text": self.text[start : start + self.captions_per_image].float(), "label": label}
-
-
-def random_crop_weights(views: int, side: int = 7, min_crop: int = 4,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """(views, side * side) averaging weights of random axis-aligned crops of a ``side`` x ``side`` grid.
-
-    Each crop has height and width drawn uniformly in ``min_crop .. side`` and a uniform position; its weights
-    are 1 / (h * w) inside, 0 outside, in the row-major order of the flattened grid.
-    """
-    if not 1 <= min_crop <= side:
-        raise ValueError(f"min_crop must be in 1..{side}, got {min_crop}")
-    weights = torch.zeros(views, side, side)
-    for view in range(views):
-        height, width = (int(torch.randint(min_crop, side + 1, (1,), generator=generator)) for _ in range(2))
-        top = int(torch.randint(0, side - height + 1, (1,), generator=generator))
-        left = int(torch.randint(0, side - width + 1, (1,), generator=generator))
-        weights[view, top : top + height, left : left + width] = 1.0 / (height * width)
-    return weights.flatten(1)
-
-
-class RegionCropViews(Dataset):
-    """Stage 2 data: ``views`` random crops of each image's cached region grid (N, side * side, C), mean-pooled.
-
-    An item is ``{"image": (views, C) float32, "label": class}`` with the class from ``labels`` (same-class
-    images are positives too) or, without labels, the image's own index (views of one image are the only
-    positives). Crops are drawn from torch's global generator, which :func:`xmr.train.fit` seeds per epoch.
-    """
-
-    def __init__(self, grid: torch.Tensor, views: int = 2, min_crop: int = 4, labels: torch.Tensor | None = None):
-        side = int(round(grid.shape[1] ** 0.5))
-        if grid.dim() != 3 or side * side != grid.shape[1]:
-            raise ValueError(f"expected a (N, side * side, C) region grid, got {tuple(grid.shape)}")
-        if labels is not None and labels.shape != grid.shape[:1]:
-            raise ValueError(f"labels must have shape ({len(grid)},), got {tuple(labels.shape)}")
-        if views < 1:
-            raise ValueError(f"views must be positive, got {views}")
-        random_crop_weights(1, side, min_crop)  # validates min_crop
-        self.grid, self.views, self.min_crop, self.side = grid, views, min_crop, side
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.grid)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        weights = random_crop_weights(self.views, self.side, self.min_crop)  # (V, R)
-        views = weights @ self.grid[index].float()  # (V, C)
-        label = self.labels[index] if self.labels is not None else torch.tensor(index)
-        return {"image": views, "label": label}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,53 +172,9 @@ class MappedDualEncoder(nn.Module):
         return [{"params": list(self.mapping.parameters())}]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Caption-to-caption retrieval
-# ---------------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def caption_retrieval_metrics(features: torch.Tensor, captions_per_image: int = 5, cutoffs=(1, 5, 10),
-                              chunk_size: int = 1024) -> dict[str, float]:
-    """Each caption queries all the others (cosine); the other captions of its image are the relevant ones.
-
-    ``features`` is (M, D), image-major. Positions are counted pessimistically, like
-    :func:`xmr.metrics.retrieval_ranks`: the j-th best relevant caption (1-based j) sits at position
-    ``j + #{irrelevant captions with similarity >= its own}``. Returns ``r{K}`` = 100 x the fraction of queries
-    with a relevant caption in the top K (the VSE++ "hit" convention), and ``map`` = MAP@all, with
-    ``AP = (1 / R) sum_j j / position_j`` over the R = captions_per_image - 1 relevant captions.
-    """
-    count = len(features)
-    if features.dim() != 2 or count == 0 or count % captions_per_image or captions_per_image < 2:
-        raise ValueError(f"expected (M, D) features of M = images x {captions_per_image} (>= 2) captions, "
-                         f"got {tuple(features.shape)}")
-    if not bool(torch.isfinite(features).all()):
-        raise ValueError("features hold NaN or infinite values")
-    features = F.normalize(features.double() if features.dtype == torch.float64 else features.float(), dim=1)
-    relevant_count = captions_per_image - 1
-    offsets = torch.arange(captions_per_image, device=features.device)
-    first_positions, precisions = [], []
-    for start in range(0, count, chunk_size):
-        queries = torch.arange(start, min(start + chunk_size, count), device=features.device)  # (c,)
-        sims = features[queries] @ features.T  # (c, M)
-        members = (queries // captions_per_image)[:, None] * captions_per_image + offsets  # (c, cpi), self included
-        others = members[members != queries[:, None]].view(len(queries), relevant_count)  # (c, R)
-        relevant = sims.gather(1, others).sort(dim=1, descending=True).values  # (c, R), best first
-        sims.scatter_(1, members, -torch.inf)  # leave only the irrelevant captions
-        above = torch.stack([(sims >= relevant[:, j : j + 1]).view(torch.uint8).sum(dim=1, dtype=torch.int32)
-                             for j in range(relevant_count)], dim=1)  # (c, R); a uint8 sum is faster than bool
-        positions = above + torch.arange(1, relevant_count + 1, device=features.device)  # (c, R), 1-based
-        first_positions.append(positions[:, 0])
-        ranks_among_relevant = torch.arange(1, relevant_count + 1, device=features.device, dtype=torch.float64)
-        precisions.append((ranks_among_relevant / positions).mean(dim=1))  # (c,) AP of each query
-    first = torch.cat(first_positions)
-    metrics = {f"r{k}": 100.0 * float((first <= k).double().mean()) for k in cutoffs}
-    metrics["map"] = float(torch.cat(precisions).double().mean())
-    return metrics
-
-
 class CaptionRetrievalValidator:
-    """``validate(model) -> caption_retrieval_metrics`` of a text space on held-out captions, for
-    :func:`~xmr.train.fit`."""
+    """``validate(model)``: :func:`xmr.metrics.caption_retrieval_metrics` of a text space on held-out captions, the
+    validation of stage 1 in :func:`~xmr.train.fit`."""
 
     def __init__(self, text: torch.Tensor, captions_per_image: int = 5, batch_size: int = 1024):
         self.text, self.captions_per_image, self.batch_size = text, captions_per_image, batch_size
@@ -399,40 +213,20 @@ class SemanticUnificationSettings:
 
 @dataclass
 class StageOutcome:
+    """One stage's training, as :func:`train_text_space`, :func:`train_image_space` and :func:`train_mapping`
+    return it."""
+
     training: TrainResult
     trainable_parameters: int
     preparation_time_s: float = 0.0  # work done once before the epochs (stage 3: encoding the frozen spaces)
     selected_by: str | None = None  # the validation metric that chose the epoch; None: the last epoch was kept
 
-    @property
-    def training_time_s(self) -> float:
-        """Seconds spent in training steps and preparation (per-epoch validation excluded)."""
-        return training_time_s(self.training) + self.preparation_time_s
-
-
-def training_time_s(result: TrainResult) -> float:
-    """Seconds in training steps of a :class:`~xmr.train.TrainResult`, without the per-epoch validation."""
-    return float(sum(row["train_time_s"] for row in result.history))
-
-
-@dataclass
-class UnificationOutcome:
-    model: MappedDualEncoder
-    stages: dict[str, StageOutcome]
-    test_metrics: dict = field(default_factory=dict)
-    per_query: dict = field(default_factory=dict)  # the test ranks the metrics come from
-
-    @property
-    def trainable_parameters(self) -> int:
-        return sum(stage.trainable_parameters for stage in self.stages.values())
-
-    @property
-    def training_time_s(self) -> float:
-        return sum(stage.training_time_s for stage in self.stages.values())
-
-    @property
-    def wall_time_s(self) -> float:
-        return sum(stage.training.wall_time_s for stage in self.stages.values())
+    def summary(self) -> dict:
+        """The stage's entry in a result file's ``stages``; its training time counts steps and preparation."""
+        steps = sum(row["train_time_s"] for row in self.training.history)
+        return {"trainable_parameters": self.trainable_parameters,
+                "training_time_s": float(steps) + self.preparation_time_s, "selected_by": self.selected_by,
+                "best_metrics": self.training.best_metrics}
 
 
 def build_space(settings: SemanticUnificationSettings, modality: str) -> SemanticSpace:
@@ -441,7 +235,7 @@ def build_space(settings: SemanticUnificationSettings, modality: str) -> Semanti
         in_dim, out_dim, temperature = TEXT_FEATURE_DIM, settings.text_space_dim, settings.text_temperature
     else:
         in_dim, out_dim, temperature = IMAGE_FEATURE_DIM, settings.image_space_dim, settings.image_temperature
-    loss = SemanticContrastiveLoss(temperature, printed_formula=settings.printed_formula)
+    loss = SupervisedContrastiveLoss(temperature, printed_formula=settings.printed_formula)
     return SemanticSpace(ProjectionHead(in_dim, out_dim, settings.projection), modality, loss)
 
 
@@ -490,7 +284,7 @@ def train_mapping(image_space: nn.Module, text_space: nn.Module, settings: Seman
     on_features = MappedDualEncoder(PretrainedSpace(), PretrainedSpace(), mapping, loss, settings.map_from)
     pairs = PairedFeatures(train_spaces.image, train_spaces.text, None, train.captions_per_image,
                            caption_choice=caption_choice, seed=config.seed)
-    validate = validation_spaces.validator() if validation_spaces is not None else None
+    validate = RetrievalValidator.for_split(validation_spaces) if validation_spaces is not None else None
     config = config if validate is not None else dataclasses.replace(config, select_by=None)
     training = fit(on_features, pairs, config, validate=validate)
     model = MappedDualEncoder(image_space, text_space, mapping, loss, settings.map_from).to(config.resolved_device())
@@ -510,78 +304,66 @@ def _encode_spaces(image_space: nn.Module, text_space: nn.Module, inputs: Captio
     return CaptionInputs(image, text, None, inputs.captions_per_image)
 
 
+def _unification_outcome(model: MappedDualEncoder, stages: dict[str, StageOutcome],
+                         settings: SemanticUnificationSettings, configs: dict[str, TrainConfig],
+                         test: CaptionInputs) -> Outcome:
+    """The :class:`~xmr.outcome.Outcome` of trained stages ending with the mapping, evaluated on ``test``."""
+    test_metrics, per_query = evaluate_retrieval_per_query(model, test)
+    parameters = {**dataclasses.asdict(settings),
+                  **{f"{name}_config": dataclasses.asdict(config) for name, config in configs.items()},
+                  "mapping_in_features": model.mapping.in_features, "mapping_out_features": model.mapping.out_features}
+    return Outcome(model, parameters, {name: stage.training for name, stage in stages.items()}, test_metrics,
+                   per_query, sum(stage.trainable_parameters for stage in stages.values()),
+                   str(configs["mapping"].resolved_device()), preparation_time_s=stages["mapping"].preparation_time_s,
+                   extra={"stages": {name: stage.summary() for name, stage in stages.items()}})
+
+
 def run_semantic_unification(settings: SemanticUnificationSettings, text_config: TrainConfig,
                              image_config: TrainConfig, mapping_config: TrainConfig, train: CaptionInputs,
                              train_grid: torch.Tensor, validation: CaptionInputs, test: CaptionInputs,
-                             image_labels: torch.Tensor | None = None) -> UnificationOutcome:
+                             image_labels: torch.Tensor | None = None) -> Outcome:
     """The three stages in order (text space, image space, mapping), then the test metrics of the result.
 
-    ``train`` / ``validation`` / ``test`` hold pooled backbone features (:func:`xmr.experiment.load_caption_inputs`
-    with tops 0); ``train_grid`` is the training images' (N, 49, 1280) region grid for the stage-2 crops.
+    ``train`` / ``validation`` / ``test`` hold pooled backbone features (:func:`xmr.features.load_caption_inputs`
+    with tops 0); ``train_grid`` is the training images' (N, 49, 1280) region grid for the stage-2 crops
+    (:func:`xmr.features.load_region_grid`). The outcome's ``extra["stages"]`` holds each stage's
+    :meth:`StageOutcome.summary`, its ``preparation_time_s`` the mapping's encoding of the frozen spaces.
     """
     text_space, text_stage = train_text_space(settings, text_config, train.text, train.captions_per_image,
                                               validation.text)
     image_space, image_stage = train_image_space(settings, image_config, train_grid, image_labels)
     model, mapping_stage = train_mapping(image_space, text_space, settings, mapping_config, train, validation)
-    test_metrics, per_query = evaluate_retrieval_per_query(model, test.image, test.text, test.text_mask,
-                                                           test.captions_per_image)
     stages = {"text_space": text_stage, "image_space": image_stage, "mapping": mapping_stage}
-    return UnificationOutcome(model, stages, test_metrics, per_query)
+    configs = {"text_space": text_config, "image_space": image_config, "mapping": mapping_config}
+    return _unification_outcome(model, stages, settings, configs, test)
 
 
 def map_spaces(image_space: nn.Module, text_space: nn.Module, settings: SemanticUnificationSettings,
-               config: TrainConfig, train: CaptionInputs, validation: CaptionInputs,
-               test: CaptionInputs) -> UnificationOutcome:
+               config: TrainConfig, train: CaptionInputs, validation: CaptionInputs, test: CaptionInputs) -> Outcome:
     """Stage 3 alone between any two frozen spaces (e.g. a trained model's, with another ``mapping_loss``, or the
     backbones' own, :class:`PretrainedSpace`), evaluated on ``test``; the spaces are shared, not copied."""
     model, stage = train_mapping(image_space, text_space, settings, config, train, validation)
-    test_metrics, per_query = evaluate_retrieval_per_query(model, test.image, test.text, test.text_mask,
-                                                           test.captions_per_image)
-    return UnificationOutcome(model, {"mapping": stage}, test_metrics, per_query)
+    return _unification_outcome(model, {"mapping": stage}, settings, {"mapping": config}, test)
 
 
-def record_unification(results_dir: str | Path, run_name: str, outcome: UnificationOutcome,
-                       settings: SemanticUnificationSettings, configs: dict[str, TrainConfig],
-                       dataset: str = "flickr8k", extra_parameters: dict | None = None) -> Path:
-    """Write the result file of one :func:`run_semantic_unification` run: test metrics, and per stage its
-    trainable parameters, training time and history."""
-    mapping = outcome.model.mapping
-    parameters = {**dataclasses.asdict(settings), **{f"{name}_config": dataclasses.asdict(config)
-                                                     for name, config in configs.items()},
-                  "mapping_in_features": mapping.in_features, "mapping_out_features": mapping.out_features,
-                  **(extra_parameters or {})}
-    history = [{"stage": name, **row} for name, stage in outcome.stages.items() for row in stage.training.history]
-    stages = {name: {"trainable_parameters": stage.trainable_parameters, "training_time_s": stage.training_time_s,
-                     "selected_by": stage.selected_by,
-                     "best_metrics": stage.training.best_metrics}
-              for name, stage in outcome.stages.items()}
-    training = staged_training({name: stage.training.record() for name, stage in outcome.stages.items()})
-    device = next(iter(configs.values())).resolved_device()
-    return write_result(results_dir, PAPER_ID, run_name, parameters=parameters, dataset=dataset, split="test",
-                        metrics=dict(outcome.test_metrics), training=training, per_query=outcome.per_query,
-                        history=history, device=device,
-                        extra={"trainable_parameters": outcome.trainable_parameters,
-                               "training_time_s": outcome.training_time_s, "stages": stages})
+def time_to_best_s(result: TrainResult) -> float:
+    """Seconds in training steps up to the kept epoch (the last one when no validation chose it)."""
+    kept = result.best_epoch or result.epochs_run
+    return float(sum(row["train_time_s"] for row in result.history[:kept]))
 
 
-def run_costs(record: dict) -> dict[str, float]:
-    """Trainable parameters, training time (validation excluded) and wall time of a result file written by
-    :func:`record_unification` or :func:`xmr.experiment.record_outcome`, with the mapping stage's share."""
-    if "stages" in record:
-        mapping = record["stages"].get("mapping", {})
-        return {"trainable_parameters": record["trainable_parameters"], "training_time_s": record["training_time_s"],
-                "wall_time_s": record["training"]["wall_time_s"],
-                "mapping_parameters": mapping.get("trainable_parameters", 0),
-                "mapping_time_s": mapping.get("training_time_s", 0.0)}
-    return {"trainable_parameters": record["trainable_parameters"],
-            "training_time_s": float(sum(row["train_time_s"] for row in record["history"])),
-            "wall_time_s": record["training"]["wall_time_s"], "mapping_parameters": 0, "mapping_time_s": 0.0}
-
-
-def load_region_grid(split: str, num_images: int | None = None, root=None,
-                     settings: ExtractionSettings | None = None) -> torch.Tensor:
-    """The cached (N, 49, 1280) float16 EfficientNet-Lite0 region grid of a Flickr8k split (stage-2 crops)."""
-    data = load_flickr8k(split, root=root)
-    if num_images is not None:
-        data = data.subset(min(num_images, len(data)))
-    return image_features(data, ImageBackbone(trainable_top=0), settings)["grid"]
+def training_costs(outcome: Outcome) -> dict[str, float]:
+    """What Sec. 3.3's claims compare: trainable parameters and training time (steps and preparation, validation
+    excluded) to the end and to the kept epochs (``time_to_best_s``), in all and for retraining the cross-modal
+    part alone (``retrain_*``): the mapping stage of :func:`run_semantic_unification` or :func:`map_spaces`,
+    everything of any other run (e.g. :func:`xmr.experiment.run_dual_encoder`'s joint training)."""
+    to_best = sum(time_to_best_s(result) for result in outcome.stages.values()) + outcome.preparation_time_s
+    costs = {"trainable_parameters": outcome.trainable_parameters, "training_time_s": outcome.training_time_s,
+             "time_to_best_s": to_best}
+    if "mapping" not in outcome.stages:
+        return {**costs, "retrain_parameters": costs["trainable_parameters"],
+                "retrain_time_s": costs["training_time_s"], "retrain_time_to_best_s": to_best}
+    mapping = outcome.extra["stages"]["mapping"]
+    return {**costs, "retrain_parameters": mapping["trainable_parameters"],
+            "retrain_time_s": mapping["training_time_s"],
+            "retrain_time_to_best_s": time_to_best_s(outcome.stages["mapping"]) + outcome.preparation_time_s}
