@@ -15,14 +15,19 @@ from xmr.category_retrieval import (
     evaluate_features,
     map_evaluation,
     map_table,
+    pooled_query_units,
     pr_curves,
     stratified_split,
     uci_mfeat_data,
+    unpaired_view_rows,
     wikipedia_data,
+    xmedia_like_data,
 )
 from xmr.methods.cca import fit_cca, fit_mcca, run_cca, run_mcca
 from xmr.methods.drcl import (
     ADAM_BETAS,
+    AUTHORS_WIKIPEDIA_LOG,
+    TABLE5_VARIANTS,
     DRCLSettings,
     PriorLearning,
     ReversibleConsistencyLoss,
@@ -33,6 +38,9 @@ from xmr.methods.drcl import (
     hardness_q,
     learn_prior,
     learn_priors,
+    match_column_norms,
+    modality_batch_size,
+    prior_geometry,
     quality_score,
     random_orthogonal_prior,
     recast_anchors,
@@ -194,12 +202,33 @@ def test_rescale_to_unit_anchors():
 
 
 def test_ablation_variants_map_to_settings():
-    from xmr.methods.drcl import TABLE5_VARIANTS, ablation
+    from xmr.methods.drcl import ablation
     assert ablation(SMALL, "no_spl") == (SMALL, "random")
+    assert ablation(SMALL, "rescaled_random_prior") == (SMALL, "random_rescaled")
     changed, prior = ablation(SMALL, "q_2")
     assert prior == "learned" and changed.fixed_q == 2.0 and changed.hidden_dim == SMALL.hidden_dim
     assert ablation(SMALL, "input_fa")[0].augmentation == "input"
     assert {reference for reference, _ in TABLE5_VARIANTS.values()} >= {"#1", "#2-#4", "#5", "#8", "#10", "#11"}
+
+
+def test_match_column_norms_and_prior_geometry():
+    orthogonal = random_orthogonal_prior(32, 10, seed=3)
+    noise = torch.randn(32, 10, generator=torch.Generator().manual_seed(4))
+    learned = orthogonal * torch.linspace(2.0, 6.0, 10) + 0.3 * noise
+    control = match_column_norms(orthogonal, learned)
+    torch.testing.assert_close(control.norm(dim=0), learned.norm(dim=0))
+    torch.testing.assert_close(F.normalize(control, dim=0), orthogonal)               # directions kept: orthogonal
+    random_geometry = prior_geometry(orthogonal, orthogonal)
+    assert random_geometry["column_norm_mean"] == pytest.approx(1.0)
+    assert random_geometry["column_abs_cos_max"] < 1e-6 and random_geometry["cos_to_initial_mean"] == pytest.approx(1.0)
+    geometry = prior_geometry(learned, orthogonal)
+    assert geometry["column_norm_min"] == pytest.approx(float(learned.norm(dim=0).min()))
+    assert geometry["column_abs_cos_max"] > 0.01 and geometry["pinv_identity_error"] < 1e-8
+    assert prior_geometry(control)["column_abs_cos_max"] < 1e-6
+    two = torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 1.0]])                 # norms 3 and sqrt 2, cosine 0
+    assert prior_geometry(two)["column_norm_mean"] == pytest.approx((3 + math.sqrt(2)) / 2)
+    with pytest.raises(ValueError, match="shape"):
+        match_column_norms(orthogonal, learned[:, :5])
 
 
 def test_quality_score_by_hand():
@@ -361,6 +390,14 @@ def test_every_ablation_variant_and_sdml_train_on_the_toy_problem():
         assert 0 < map_table(run.embed(data.test))["map_all_avg"] <= 1
     random_prior = run_drcl(data, SMALL, short, prior="random")
     assert random_prior.prior_source == "random" and not random_prior.priors
+    torch.testing.assert_close(random_prior.prior, random_prior.initial_prior)
+    control = run_drcl(data, SMALL, short, priors=priors, prior="random_rescaled")
+    selected = priors[select_prior(priors)].prior
+    assert control.prior_source == "random_rescaled" and not control.priors
+    torch.testing.assert_close(control.prior.norm(dim=0), selected.norm(dim=0))
+    torch.testing.assert_close(F.normalize(control.prior, dim=0), random_prior.prior)
+    with pytest.raises(ValueError, match="prior must be"):
+        run_drcl(data, SMALL, short, priors=priors, prior="c")
     per_modality = run_drcl(data, SMALL, short, priors=priors, prior="b")
     assert torch.equal(per_modality.prior, priors["b"].prior)
     sdml = run_sdml(data, 64, 16, short_training(15))
@@ -456,8 +493,19 @@ def test_training_is_seeded_and_refuses_empty_batches():
     assert untimed(first.training.history) == untimed(second.training.history)
     for a, b in zip(first.encoder.parameters(), second.encoder.parameters()):
         assert torch.equal(a, b)
+    # the paper's batch of 1024 is capped to a quarter of a small modality, so every epoch takes steps ...
+    capped = train_modality(data.train["b"], data.val["b"], 4, prior, SMALL, short_training(1, batch_size=1024))
+    assert capped.training.epochs_run == 1 and capped.training.pairs_per_second > 0
+    # ... and a modality too small for any batch is refused
     with pytest.raises(ValueError, match="no batch"):
-        train_modality(data.train["b"], data.val["b"], 4, prior, SMALL, short_training(1, batch_size=1024))
+        one_row = Modality(data.train["b"].features[:1], data.train["b"].labels[:1])
+        train_modality(one_row, data.val["b"], 4, prior, SMALL, short_training(1))
+
+
+def test_modality_batch_size_leaves_large_modalities_alone():
+    assert modality_batch_size(2173, 100) == 100 and modality_batch_size(1400, 100) == 100
+    assert modality_batch_size(117, 100) == 29 and modality_batch_size(117, 1024) == 29
+    assert modality_batch_size(3, 100) == 2 and modality_batch_size(400, 100) == 100
 
 
 def test_adam_uses_the_authors_betas():
@@ -506,10 +554,38 @@ def test_per_query_means_equal_the_maps():
     b2a = average_precisions(features["b"].features, features["b"].labels, features["a"].features,
                              features["a"].labels)
     assert query_means["map_all_avg"] == pytest.approx(((a2b + b2a) / 2).tolist(), abs=5e-7)   # same query item
-    # unpaired modalities share no query items: per-direction lists only
-    unpaired = toy_problem(seed=4)
-    metrics, per_query = map_evaluation(common_space(unpaired.test), paired=False)
-    assert set(check_query_means(metrics, per_query)) == {"map_all_a2b", "map_all_b2a"}
+    # unpaired modalities share no query items: every query of every modality is a unit, weighted so that the
+    # plain mean of the units is the average over directions
+    unpaired = toy_problem(seed=4, sizes=(240, 160), test_size=80)
+    unequal = {"a": unpaired.test["a"], "b": Modality(unpaired.test["b"].features[:50], unpaired.test["b"].labels[:50])}
+    metrics, per_query = map_evaluation(common_space(unequal), paired=False)
+    query_means = check_query_means(metrics, per_query)
+    assert set(query_means) == {"map_all_a2b", "map_all_b2a", "map_all_avg", "map_50_avg"}
+    assert len(query_means["map_all_avg"]) == 80 + 50
+
+
+def test_pooled_query_units_by_hand():
+    directions = {("a", "b"): torch.tensor([1.0, 0.0]), ("b", "a"): torch.tensor([0.5, 0.5, 0.5, 0.5]),
+                  ("a", "c"): torch.tensor([0.0, 0.0])}
+    units = pooled_query_units(directions)
+    mean_of_maps = (0.5 + 0.5 + 0.0) / 3
+    assert len(units) == 6 and float(units.mean()) == pytest.approx(mean_of_maps)
+    # query "a" has two galleries: its items' APs averaged over them, times |S_a| N / (D N_a) = 2 * 6 / (3 * 2)
+    torch.testing.assert_close(units[:2], torch.tensor([0.5, 0.0]) * 2)
+
+
+def test_weak_view_average_of_three_modalities():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat(10)
+    features = {name: Modality(torch.randn(40, 5, generator=generator) + shift * labels[:, None], labels)
+                for name, shift in (("a", 2.0), ("b", 1.0), ("c", 0.3))}
+    for paired in (True, False):
+        metrics, per_query = map_evaluation(features, paired=paired, weak_views=("b", "c"))
+        assert metrics["map_all_weak_avg"] == pytest.approx((metrics["map_all_b2c"] + metrics["map_all_c2b"]) / 2)
+        assert metrics["map_all_weak_avg"] < metrics["map_all_avg"]
+        check_query_means(metrics, per_query)
+    with pytest.raises(ValueError, match="weak_views"):
+        CrossModalData(features, features, features, 4, weak_views=("b", "z"))
 
 
 def test_run_files_validate_and_hold_the_training_stages(tmp_path):
@@ -527,6 +603,9 @@ def test_run_files_validate_and_hold_the_training_stages(tmp_path):
     assert written["training"]["epochs_run"] == 14 and written["training"]["stopped_by"] == "budget"
     assert set(written["quality_scores"]) == {"a", "b"} and written["prior_source"] == run.prior_source
     assert {row["stage"] for row in written["history"]} == {"prior", "encoder"}
+    assert set(written["pr_curves"]) == {"a2b", "b2a"} and len(written["pr_curves"]["a2b"]) == 11
+    assert written["prior_geometry"]["cos_to_initial_mean"] == pytest.approx(
+        written["learned_prior_geometry"][run.prior_source]["cos_to_initial_mean"])
     # SDML and the random-prior ablation have no SPL stage
     sdml = run_sdml(data, 64, 16, short_training(3))
     fields = run_result_fields(sdml, data)
@@ -539,6 +618,7 @@ def test_run_files_validate_and_hold_the_training_stages(tmp_path):
                      **result.result_fields())
         written = read_record(tmp_path / "drcl2024" / f"{name}.json")
         assert written["training"]["stopped_by"] == "closed_form" and written["dims"]
+        assert set(written["pr_curves"]) == {"a2b", "b2a"}
         check_query_means(written["metrics"], written["per_query"])
     check = evaluate_features(common_space(data.test))
     write_result(tmp_path, "drcl2024", "toy_evaluator_check", parameters={"features": "raw"}, dataset="toy",
@@ -591,6 +671,12 @@ def test_mcca_with_two_views_is_cca():
     torch.testing.assert_close(eigenvalues, 1 + correlations[:2], atol=1e-8, rtol=0)
 
 
+def test_cca_refuses_unpaired_modalities():
+    for method in (run_cca, run_mcca):
+        with pytest.raises(ValueError, match="unpaired"):
+            method(toy_problem(seed=2, sizes=(100, 100)))
+
+
 def test_cca_runs_on_the_toy_problem_with_paired_rows():
     paired = toy_problem(seed=4, sizes=(200, 200), paired=True)
     for result in (run_cca(paired), run_mcca(paired)):
@@ -621,3 +707,42 @@ def test_uci_split_is_stratified_and_seeded(data_root):
     assert {sizes["train"] for sizes in data.sizes().values()} == {1400}
     assert torch.bincount(data.test["pixel"].labels).tolist() == [40] * 10
     assert torch.equal(data.test["pixel"].labels, uci_mfeat_data(data_root).test["pixel"].labels)
+
+
+def test_unpaired_view_rows_give_every_item_to_one_view():
+    labels = torch.arange(10).repeat_interleave(200)
+    owned = unpaired_view_rows(labels, ("a", "b", "c"), (4, 2, 1), (0.7, 0.1, 0.2), seed=0)
+    every = torch.cat([rows for part in owned.values() for rows in part.values()])
+    assert len(every) == 2000 and len(torch.unique(every)) == 2000          # disjoint, and nothing left out
+    train = owned["train"]
+    assert len(train["a"]) > len(train["b"]) > len(train["c"]) and len(train["a"]) == pytest.approx(800, abs=10)
+    assert torch.bincount(labels[train["b"]]).tolist() == [40] * 10            # stratified within each view
+    with pytest.raises(ValueError, match="shares"):
+        unpaired_view_rows(labels, ("a", "b"), (1, 0), (0.7, 0.1, 0.2))
+
+
+@pytest.mark.data
+def test_xmedia_like_stand_in_is_unpaired_unequal_and_noisier(data_root):
+    data = xmedia_like_data(data_root)
+    assert not data.paired and data.weak_views == ("fourier", "morphological")
+    sizes = data.sizes()
+    assert sizes["pixel"]["train"] > sizes["karhunen_loeve"]["train"] > sizes["fourier"]["train"]
+    assert sum(size["train"] + size["val"] + size["test"] for size in sizes.values()) == 2000
+    assert torch.equal(data.test["fourier"].features, xmedia_like_data(data_root).test["fourier"].features)
+    clean = xmedia_like_data(data_root, noise=0.0)
+    assert not torch.equal(clean.train["fourier"].features, data.train["fourier"].features)     # noise on weak
+    torch.testing.assert_close(clean.train["pixel"].features, data.train["pixel"].features)      # not on strong
+    metrics, per_query = map_evaluation(common_space(data.test), paired=False, weak_views=data.weak_views)
+    check_query_means(metrics, per_query)
+
+
+@pytest.mark.data
+def test_the_authors_log_matches_our_evaluator_on_their_features(data_root):
+    from xmr.data import load_drcl_wikipedia_features
+
+    released, _ = load_drcl_wikipedia_features(data_root)
+    features = {view: Modality(released.views[view].double(), released.labels) for view in released.views}
+    metrics = evaluate_features(features)["metrics"]
+    for key in ("map_all_image2text", "map_all_text2image", "map_all_avg", "map_50_image2text",
+                "map_50_text2image", "map_50_avg"):
+        assert metrics[key] == pytest.approx(AUTHORS_WIKIPEDIA_LOG[key], abs=2e-4), key

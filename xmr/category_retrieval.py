@@ -6,7 +6,9 @@ Shared by DRCL and its baselines (:mod:`xmr.methods.drcl`, :mod:`xmr.methods.cca
 (:func:`xmr.metrics.average_precisions`). When the modalities of a split are *paired* (row ``i`` of every
 modality is the same item: Wikipedia's image-text pairs, UCI's six views of one digit), every direction queries
 the same items, so a query item's AP averaged over directions is a per-query value whose mean is the averaged MAP
-(``map_all_avg``) exactly; result files store those values (``per_query["query_means"]``).
+(``map_all_avg``) exactly; result files store those values (``per_query["query_means"]``). Unpaired modalities
+(:func:`xmedia_like_data`) share no items; there every query item of every modality is one unit, weighted so that
+the plain mean of the units is the averaged MAP (:func:`pooled_query_units`).
 """
 
 from __future__ import annotations
@@ -60,8 +62,13 @@ class CrossModalData:
     num_classes: int
     description: str = ""
     paired: bool = False
+    weak_views: tuple[str, ...] = ()  # views whose pairs get their own average (XMedia's audio and 3D, Table VI)
 
     def __post_init__(self) -> None:
+        unknown = set(self.weak_views) - set(self.train)
+        if unknown or len(self.weak_views) == 1:
+            raise ValueError(f"weak_views must name two or more of the modalities {list(self.train)}, "
+                             f"got {self.weak_views}")
         if not self.paired:
             return
         for part in ("train", "val", "test"):
@@ -148,6 +155,67 @@ def uci_mfeat_data(root=None, fractions: tuple[float, float, float] = (0.7, 0.1,
     return standardise(data) if scale else data
 
 
+def unpaired_view_rows(labels: torch.Tensor, views: tuple[str, ...], shares, fractions: tuple[float, float, float],
+                       seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """``{part: {view: item indices}}``: a stratified train / validation / test split of the items (``fractions``),
+    then every item of every part given to exactly one view, stratified, in proportion to ``shares``. No item is
+    in two views or two parts."""
+    if len(shares) != len(views) or any(share <= 0 for share in shares):
+        raise ValueError(f"shares must be {len(views)} positive numbers, one per view, got {shares}")
+    parts = stratified_split(labels, dict(zip(("train", "val", "test"), fractions)), seed)
+    total = float(sum(shares))
+    return {part: {view: index[rows] for view, rows in
+                   stratified_split(labels[index], {v: s / total for v, s in zip(views, shares)}, seed + 1).items()}
+            for part, index in parts.items()}
+
+
+#: The XMedia-like stand-in's views in XMedia's roles (image, text, video, audio, 3D) and their shares of the
+#: digits (XMedia: 5000 images and texts, 500 videos, 1000 audio clips and 500 3D models, 10 : 10 : 1 : 2 : 1).
+XMEDIA_LIKE_VIEWS = {"pixel": "image", "profile": "text", "karhunen_loeve": "video", "fourier": "audio",
+                     "morphological": "3d"}
+XMEDIA_LIKE_SHARES = (4.0, 4.0, 2.0, 1.0, 1.0)
+XMEDIA_LIKE_WEAK = ("fourier", "morphological")
+
+
+def xmedia_like_data(root=None, views: tuple[str, ...] = tuple(XMEDIA_LIKE_VIEWS), shares=XMEDIA_LIKE_SHARES,
+                     weak_views: tuple[str, ...] = XMEDIA_LIKE_WEAK, noise: float = 1.0,
+                     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2), seed: int = 0) -> CrossModalData:
+    """A harder, XMedia-like variant of UCI Multiple Features: unequal view sizes, no pairing, weaker weak views.
+
+    The 2000 digits are split (stratified, seeded) into train / validation / test as in :func:`uci_mfeat_data`;
+    then every digit of every part is given to exactly **one** view, in proportion to ``shares`` within each class,
+    so that no item appears in two views (nothing can be paired, as in XMedia, whose media describe different
+    items) and the views differ in size (default 4 : 4 : 2 : 1 : 1, about 470 / 470 / 230 / 120 / 110 training
+    items). The ``weak_views`` (by default the two weakest UCI views, in XMedia's audio and 3D roles) get Gaussian
+    noise of ``noise`` times each feature's standard deviation, so that their pairs are far from UCI's ceiling.
+    Features are z-scored with each view's training split; the noise is seeded with ``seed``.
+    """
+    from .data import load_uci_mfeat
+
+    source = load_uci_mfeat(root)
+    owned = unpaired_view_rows(source.labels, views, shares, fractions, seed)
+    generator = torch.Generator().manual_seed(seed + 2)
+    features = {}
+    for view in views:
+        values = source.views[view]
+        if view in weak_views and noise > 0:
+            scale = values[owned["train"][view]].std(0).clamp_min(1e-6)
+            values = values + noise * scale * torch.randn(values.shape, generator=generator)
+        features[view] = values
+    roles = ", ".join(f"{view} ({XMEDIA_LIKE_VIEWS.get(view, 'other')}: "
+                      f"{'/'.join(str(len(owned[p][view])) for p in owned)})" for view in views)
+    data = CrossModalData(
+        **{part: {view: Modality(features[view][rows], source.labels[rows]) for view, rows in chunks.items()}
+           for part, chunks in owned.items()},
+        num_classes=len(source.class_names),
+        description=f"XMedia-like UCI: {len(views)} unpaired views, each digit in one view only, train / "
+                    f"validation / test {roles}; noise {noise:g} std on {', '.join(weak_views)} (seed {seed})",
+        paired=False,
+        weak_views=tuple(weak_views),
+    )
+    return standardise(data)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation: MAP of every direction, per query
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,14 +230,39 @@ def direction_average_precisions(features: Mapping[str, Modality],
             for query in features for gallery in features if query != gallery}
 
 
+def pooled_query_units(directions: Mapping[tuple[str, str], torch.Tensor]) -> torch.Tensor:
+    """Per-query units of unpaired modalities whose plain mean is the mean of the directions' MAPs.
+
+    With ``D`` directions, ``N_q`` queries of modality ``q``, ``S_q`` its galleries among the directions and
+    ``a_qi`` query ``i``'s AP averaged over ``S_q``, the mean MAP is ``(1/D) sum_q (|S_q| / N_q) sum_i a_qi``; the
+    unit of query ``(q, i)`` is ``a_qi |S_q| N / (D N_q)`` with ``N = sum_q N_q``, one unit per query item of every
+    query modality. (Resampling these units uniformly lets the modalities' counts vary, unlike the fixed test set:
+    slightly conservative.)"""
+    by_query: dict[str, list[torch.Tensor]] = {}
+    for (query, _), values in directions.items():
+        by_query.setdefault(query, []).append(values)
+    total = sum(len(values[0]) for values in by_query.values())
+    units = [torch.stack(values).mean(0) * len(values) * total / (len(directions) * len(values[0]))
+             for values in by_query.values()]
+    return torch.cat(units)
+
+
+def _average(directions: Mapping[tuple[str, str], torch.Tensor], paired: bool) -> tuple[float, torch.Tensor]:
+    """The mean of the directions' MAPs and its per-query units (per item when paired, else pooled)."""
+    value = sum(float(values.mean()) for values in directions.values()) / len(directions)
+    units = torch.stack(list(directions.values())).mean(0) if paired else pooled_query_units(directions)
+    return value, units
+
+
 def map_metrics(precisions: Mapping[int | None, Mapping[tuple[str, str], torch.Tensor]],
-                paired: bool) -> tuple[dict[str, float], dict]:
+                paired: bool, weak_views: tuple[str, ...] = ()) -> tuple[dict[str, float], dict]:
     """``(metrics, per_query)`` from the per-query APs of every cut-off ``k`` and direction.
 
-    ``metrics``: ``map_<k>_<query>2<gallery>`` (``k`` = ``all`` or the cut-off) and their mean over directions
-    ``map_<k>_avg`` (the paper's "Avg"). ``per_query["query_means"]``: each direction's MAP@all list and, for
-    ``paired`` data, each ``map_<k>_avg`` as one value per query item (its AP averaged over the directions, whose
-    mean is ``map_<k>_avg``). Unpaired modalities share no query items, so they get the per-direction lists only.
+    ``metrics``: ``map_<k>_<query>2<gallery>`` (``k`` = ``all`` or the cut-off), their mean over directions
+    ``map_<k>_avg`` (the paper's "Avg") and, with ``weak_views``, the mean over the directions among them
+    ``map_<k>_weak_avg`` (Table VI's audio <-> 3D average). ``per_query["query_means"]``: each direction's MAP@all
+    list, and every average as one unit per query whose plain mean is that average: for ``paired`` data a query
+    item's AP averaged over the directions; for unpaired data :func:`pooled_query_units`.
     """
     metrics: dict[str, float] = {}
     query_means: dict[str, list[float]] = {}
@@ -183,17 +276,21 @@ def map_metrics(precisions: Mapping[int | None, Mapping[tuple[str, str], torch.T
             metrics[f"map_{tag}_{query}2{gallery}"] = float(values.mean())
             if k is None:
                 query_means[f"map_{tag}_{query}2{gallery}"] = rounded(values)
-        metrics[f"map_{tag}_avg"] = sum(float(values.mean()) for values in directions.values()) / len(directions)
-        if paired:
-            query_means[f"map_{tag}_avg"] = rounded(torch.stack(list(directions.values())).mean(0))
+        groups = {"avg": directions}
+        weak = {pair: values for pair, values in directions.items() if set(pair) <= set(weak_views)}
+        if weak:
+            groups["weak_avg"] = weak
+        for name, chosen in groups.items():
+            metrics[f"map_{tag}_{name}"], units = _average(chosen, paired)
+            query_means[f"map_{tag}_{name}"] = rounded(units)
     return metrics, {"query_means": query_means}
 
 
 def map_evaluation(features: Mapping[str, Modality], ks: tuple[int | None, ...] = (None, 50),
-                   paired: bool = False) -> tuple[dict[str, float], dict]:
-    """``(metrics, per_query)`` of common-space features (:func:`map_metrics`); ``paired`` as in
+                   paired: bool = False, weak_views: tuple[str, ...] = ()) -> tuple[dict[str, float], dict]:
+    """``(metrics, per_query)`` of common-space features (:func:`map_metrics`); ``paired`` and ``weak_views`` as in
     :class:`CrossModalData`."""
-    return map_metrics({k: direction_average_precisions(features, k) for k in ks}, paired)
+    return map_metrics({k: direction_average_precisions(features, k) for k in ks}, paired, weak_views)
 
 
 def map_table(features: Mapping[str, Modality], ks: tuple[int | None, ...] = (None, 50)) -> dict[str, float]:

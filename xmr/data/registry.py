@@ -196,7 +196,8 @@ DRCL_WIKIPEDIA_FEATURES = Dataset(
     folder="drcl_wikipedia_features",
     title="DRCL's released Wikipedia test features (462 x 2048 per modality) and learned priors W (2048 x 10)",
     loader="xmr.data.load_drcl_wikipedia_features",
-    citation="R. Pu et al., 'Deep Reversible Consistency Learning for Cross-modal Retrieval', IEEE TMM",
+    citation=("R. Pu, Y. Qin, D. Peng, X. Song and H. Zheng, 'Deep Reversible Consistency Learning for Cross-modal "
+              "Retrieval', IEEE Transactions on Multimedia (arXiv:2501.05686)"),
     homepage=DRCL_REPO,
     note=("The paper's code link is https://github.com/perquisite/DRCL; the files are fetched from the authors' "
           f"repository {DRCL_REPO} pinned at commit {DRCL_COMMIT} (features/ and PriorW/)."),

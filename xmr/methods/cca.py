@@ -32,6 +32,7 @@ from ..category_retrieval import (
     map_evaluation,
     map_metrics,
     map_table,
+    pr_curves,
 )
 from ..results import closed_form_training
 
@@ -123,6 +124,12 @@ def _candidates(max_dim: int, dims: Sequence[int] | None) -> list[int]:
     return [dim for dim in dims if dim <= max_dim] or [max_dim]
 
 
+def _require_pairs(data: CrossModalData) -> None:
+    if not data.paired:
+        raise ValueError("CCA learns from paired rows; these modalities are unpaired (CrossModalData.paired=False), "
+                         "so CCA and multi-set CCA cannot be fitted on them")
+
+
 @dataclass
 class CCAResult:
     """Test metrics (:func:`xmr.category_retrieval.map_table` keys), the per-query APs behind them, and the
@@ -138,16 +145,21 @@ class CCAResult:
 
     def result_fields(self) -> dict:
         """The ``metrics``, ``per_query``, ``training`` (closed form: no seed variance) and ``extra`` (the chosen
-        dimensions) arguments of :func:`xmr.results.write_result`."""
+        dimensions, the test precision-recall curves of every ordered pair) arguments of
+        :func:`xmr.results.write_result`."""
+        curves: dict[str, list[float]] = {}
+        for features in self.test_features.values():
+            curves.update(pr_curves(features))
         return {"metrics": self.metrics, "per_query": self.per_query,
                 "training": closed_form_training(self.wall_time_s),
-                "extra": {"dims": {"-".join(key): dim for key, dim in self.dims.items()}}}
+                "extra": {"dims": {"-".join(key): dim for key, dim in self.dims.items()}, "pr_curves": curves}}
 
 
 def run_cca(data: CrossModalData, reg: float = 1e-3, dims: Sequence[int] | None = None) -> CCAResult:
     """Pairwise CCA: one CCA per pair of modalities on their (paired) training rows, its dimension chosen on the
     validation split from ``dims``; test MAP@all and MAP@50 of both directions (``map_all_avg`` is the mean over
     all ordered pairs)."""
+    _require_pairs(data)
     started = time.perf_counter()
     features, chosen, fitted = {}, {}, {}
     precisions: dict[int | None, dict] = {None: {}, 50: {}}
@@ -161,18 +173,19 @@ def run_cca(data: CrossModalData, reg: float = 1e-3, dims: Sequence[int] | None 
         fitted[first, second] = projections
         for k, directions in precisions.items():
             directions.update(direction_average_precisions(features[first, second], k))
-    metrics, per_query = map_metrics(precisions, data.paired)
+    metrics, per_query = map_metrics(precisions, data.paired, data.weak_views)
     return CCAResult(metrics, per_query, features, chosen, fitted, time.perf_counter() - started)
 
 
 def run_mcca(data: CrossModalData, reg: float = 1e-3, dims: Sequence[int] | None = None) -> CCAResult:
     """Multi-set CCA of all modalities at once (one common space), dimension chosen on the validation split."""
+    _require_pairs(data)
     started = time.perf_counter()
     projections, _ = fit_mcca({name: data.train[name].features for name in data.modalities}, reg=reg,
                               dim=sum(data.train[name].features.shape[1] for name in data.modalities))
     dim = _best_dim(data, projections, _candidates(next(iter(projections.values())).weights.shape[1], dims))
     features = _project(data.test, projections, dim)
     key = tuple(data.modalities)
-    metrics, per_query = map_evaluation(features, paired=data.paired)
+    metrics, per_query = map_evaluation(features, paired=data.paired, weak_views=data.weak_views)
     return CCAResult(metrics, per_query, {key: features}, {key: dim}, {key: projections},
                      time.perf_counter() - started)

@@ -1,8 +1,10 @@
 """DRCL: selective prior learning (SPL) and reversible semantic consistency (RSC) for category-based retrieval.
 
-Pu et al., "Deep Reversible Consistency Learning for Cross-modal Retrieval" (IEEE TMM 2025; arXiv 2024). The
-paper's equations were lost in its text extraction; ``../shared/papers/METHOD_NOTES.md`` rebuilds them from the
-authors' code (github.com/QinYang79/DRCL), which this module follows. Equation numbers are the paper's.
+R. Pu, Y. Qin, D. Peng, X. Song and H. Zheng, "Deep Reversible Consistency Learning for Cross-modal Retrieval",
+IEEE Transactions on Multimedia (arXiv:2501.05686). The paper's equations were lost in its text extraction;
+``../shared/papers/METHOD_NOTES.md`` rebuilds them from the authors' code (the paper's link is
+github.com/perquisite/DRCL; the copy inspected here is its mirror github.com/QinYang79/DRCL), which this module
+follows. Equation numbers are the paper's.
 
 Every modality ``k`` has its own encoder ``f_k`` (:class:`ModalityEncoder`) and is trained alone, so any number of
 modalities, with any number of (unpaired) samples each, can be used. Two stages:
@@ -23,8 +25,14 @@ modalities, with any number of (unpaired) samples each, can be used. Two stages:
 Each stage trains one modality with :func:`xmr.train.fit` (:func:`training_config`: Adam with the authors'
 betas, float32, no gradient clipping): the epoch's ``q`` is set by the model's ``on_epoch_start``, a
 :class:`~xmr.category_retrieval.Modality` hands the loader whole batches, and a stage stops once its selection
-score has not improved for ``patience`` epochs, or after ``max_epochs`` (SPL: ``DRCLSettings.spl_patience`` and
-``spl_max_epochs``).
+score has not improved for ``patience`` epochs, or after ``max_epochs`` (SPL: ``DRCLSettings.spl_patience``,
+``spl_min_delta`` and ``spl_max_epochs``). A modality with few training items gets a smaller batch
+(:func:`modality_batch_size`), so that every epoch has a few steps.
+
+:func:`prior_geometry` describes a prior (column norms, correlations between columns, how far it moved from its
+random initial matrix), and ``prior="random_rescaled"`` in :func:`run_drcl` is the control that separates SPL's
+scale from its geometry: the random orthogonal initial matrix with its columns rescaled to the learned prior's
+norms.
 
 The baselines of the comparison are here too: :func:`train_sdml_modality` (SDML, Hu et al. SIGIR 2019: a fixed
 random orthogonal prior, a label regression loss and an auto-encoder), and CCA in :mod:`xmr.methods.cca`.
@@ -47,11 +55,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..category_retrieval import CrossModalData, Modality, map_evaluation, map_table
+from ..category_retrieval import CrossModalData, Modality, map_evaluation, map_table, pr_curves
 from ..results import staged_training, write_result
 from ..train import TrainConfig, TrainResult, encode, fit
 
 ADAM_BETAS = (0.5, 0.999)  # the authors' main.py (and SDML's code)
+
+#: What the authors' own Wikipedia run printed (``logging/wiki.log`` of their repository, mirror
+#: github.com/QinYang79/DRCL at commit 1c5f92c, run of 2024-11-01 with seed 1, 200 epochs, batch 1024,
+#: lr [6e-6, 5e-3], lr_SPL 5e-4): MAP@all and MAP@50, image->text and text->image, and their means. Their
+#: released test features (:func:`xmr.data.load_drcl_wikipedia_features`) are that run's.
+AUTHORS_WIKIPEDIA_LOG = {
+    "source": "logging/wiki.log, github.com/QinYang79/DRCL @ 1c5f92ca6e6b6d3f1596474ddc676ea4853f3afd",
+    "map_all_image2text": 0.56190, "map_all_text2image": 0.53759, "map_all_avg": 0.54974,
+    "map_50_image2text": 0.55988, "map_50_text2image": 0.68478, "map_50_avg": 0.62233,
+}
 
 # ---------------------------------------------------------------------------------------------------------------
 # The model and the equations
@@ -85,6 +103,35 @@ def random_orthogonal_prior(embed_dim: int, num_classes: int, seed: int = 0) -> 
                            dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
     return (q * torch.sign(torch.diagonal(r))).float()                          # (d, C)
+
+
+def match_column_norms(prior: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``prior`` (d x C) with each column rescaled to the norm of the same column of ``reference``: same directions
+    (an orthonormal ``prior`` stays orthogonal), the reference's scale. With the random orthogonal initial matrix as
+    ``prior`` and SPL's learned one as ``reference`` this is the control that has SPL's scale but not its geometry."""
+    if prior.shape != reference.shape:
+        raise ValueError(f"prior {tuple(prior.shape)} and reference {tuple(reference.shape)} differ in shape")
+    return prior * (reference.norm(dim=0) / prior.norm(dim=0).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def prior_geometry(prior: torch.Tensor, initial: torch.Tensor | None = None) -> dict[str, float]:
+    """What a prior W (d x C) looks like: the mean, smallest and largest column norm, the mean and largest |cosine|
+    between two columns (0 for an orthogonal W), ``max |W^+ W - I|`` (the recast anchors map back to the labels) and,
+    with the ``initial`` matrix it was trained from, the mean cosine of each column to its initial column."""
+    prior = prior.double()
+    norms = prior.norm(dim=0)                                                   # (C,)
+    cosines = (prior.T @ prior) / torch.outer(norms, norms).clamp_min(1e-12)   # (C, C)
+    off_diagonal = cosines[~torch.eye(len(norms), dtype=torch.bool)].abs()
+    identity = torch.linalg.pinv(prior) @ prior - torch.eye(prior.shape[1], dtype=prior.dtype)
+    geometry = {"column_norm_mean": float(norms.mean()), "column_norm_min": float(norms.min()),
+                "column_norm_max": float(norms.max()),
+                "column_abs_cos_mean": float(off_diagonal.mean()) if len(off_diagonal) else 0.0,
+                "column_abs_cos_max": float(off_diagonal.max()) if len(off_diagonal) else 0.0,
+                "pinv_identity_error": float(identity.abs().max())}
+    if initial is not None:
+        geometry["cos_to_initial_mean"] = float(F.cosine_similarity(prior, initial.double(), dim=0).mean())
+    return geometry
 
 
 def _log_true_class_probability(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -208,6 +255,18 @@ def training_config(max_epochs: int = 200, patience: int | None = 10, batch_size
                        device=device, grad_clip_norm=None, mixed_precision=False, progress=False, **changes)
 
 
+def modality_batch_size(num_train: int, batch_size: int, min_steps: int = 4) -> int:
+    """The batch of a modality with ``num_train`` training items: ``batch_size``, but at most ``num_train //
+    min_steps`` (and at least 2), so that a small modality still takes ``min_steps`` steps per epoch. The paper's
+    batch of 1024 leaves no full batch at all for its smaller modalities (XMedia's 3D models); ours leaves
+    Wikipedia and UCI unchanged."""
+    return max(2, min(batch_size, num_train // min_steps))
+
+
+def _modality_config(training: TrainConfig, train: Modality, **changes) -> TrainConfig:
+    return dataclasses.replace(training, batch_size=modality_batch_size(len(train), training.batch_size), **changes)
+
+
 def _encoder(input_dim: int, hidden_dim: int, embed_dim: int, seed: int) -> ModalityEncoder:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -242,6 +301,7 @@ class DRCLSettings:
     spl_lr: float = 5e-4                   # paper: 5e-4 for every modality
     spl_max_epochs: int = 200              # SPL's epoch budget; paper: 200 (Wikipedia), 300 (XMedia)
     spl_patience: int | None = 10          # stop SPL after this many epochs without a better score; paper: never
+    spl_min_delta: float = 0.002           # a better quality score must beat the best by this much (plateau rule)
     literal_q_at_epoch_zero: bool = False  # code bug: SPL's first epoch has q = 0 (NaN loss, no update)
     prior_from_last_epoch: bool = False    # code bug: the selected W is the last epoch's, not the best epoch's
 
@@ -260,7 +320,8 @@ class DRCLSettings:
 
 #: Table V's variants (paper numbers in parentheses; #2-#4 remove the three RSC losses in an order lost in the
 #: paper's extraction, and #9's two symbols were lost, so it cannot be reproduced). Each maps to the changes of
-#: DRCLSettings, plus ``prior`` for run_drcl. "transpose_recast" is not a paper variant.
+#: DRCLSettings, plus ``prior`` for run_drcl. Not paper variants: "transpose_recast", and "rescaled_random_prior",
+#: the control for #1 (the random prior at the learned prior's column norms: SPL's scale without its geometry).
 TABLE5_VARIANTS: dict[str, tuple[str, dict]] = {
     "no_spl": ("#1", {"prior": "random"}),
     "no_label_loss": ("#2-#4", {"use_label_loss": False}),
@@ -273,6 +334,7 @@ TABLE5_VARIANTS: dict[str, tuple[str, dict]] = {
     "no_fa": ("#10", {"augmentation": "none"}),
     "input_fa": ("#11", {"augmentation": "input"}),
     "transpose_recast": ("not in the paper", {"recast": "transpose"}),
+    "rescaled_random_prior": ("not in the paper", {"prior": "random_rescaled"}),
 }
 
 
@@ -349,14 +411,16 @@ def learn_prior(train: Modality, num_classes: int, initial_prior: torch.Tensor, 
                 training: TrainConfig) -> PriorLearning:
     """SPL on one modality (Eqs. 1-2): train an encoder and ``W_k`` (from ``initial_prior``) with the GCE under
     the hardness schedule, at ``settings.spl_lr`` for at most ``settings.spl_max_epochs`` epochs, stopping after
-    ``settings.spl_patience`` epochs without a better training-set quality score; keep the ``W_k`` of the
-    best-scoring epoch (the last epoch's with ``prior_from_last_epoch``). ``training`` gives the batch size, seed
-    and device."""
+    ``settings.spl_patience`` epochs without a training-set quality score better by ``settings.spl_min_delta``;
+    keep the ``W_k`` of the best-scoring epoch (an epoch counts as better only by more than ``spl_min_delta``, so the
+    kept ``W_k`` scores within that of the highest score; the last epoch's with ``prior_from_last_epoch``).
+    ``training`` gives the batch size (capped by :func:`modality_batch_size`), seed and device."""
     if initial_prior.shape[1] != num_classes:
         raise ValueError(f"the initial prior has {initial_prior.shape[1]} columns for {num_classes} classes")
     model = SPLModel(train.features.shape[1], initial_prior, settings, training.seed)
-    config = dataclasses.replace(training, lr=settings.spl_lr, max_epochs=settings.spl_max_epochs,
-                                 patience=settings.spl_patience, select_by="quality_score", select_mode="max")
+    config = _modality_config(training, train, lr=settings.spl_lr, max_epochs=settings.spl_max_epochs,
+                              patience=settings.spl_patience, min_delta=settings.spl_min_delta,
+                              select_by="quality_score", select_mode="max")
     last: dict[str, torch.Tensor] = {}
 
     def validate(model: SPLModel) -> dict[str, float]:
@@ -441,7 +505,7 @@ def train_modality(train: Modality, val: Modality, num_classes: int, prior: torc
     if prior.shape[1] != num_classes:
         raise ValueError(f"the prior has {prior.shape[1]} columns for {num_classes} classes")
     model = RSCModel(train.features.shape[1], prior, settings, training.seed)
-    config = dataclasses.replace(training, select_by="loss", select_mode="min")
+    config = _modality_config(training, train, select_by="loss", select_mode="min")
     result = fit(model, train, config, lambda model: {"loss": model.validation_loss(val)})
     return ModalityTraining(model.encoder, result)
 
@@ -515,7 +579,7 @@ def train_sdml_modality(train: Modality, val: Modality, num_classes: int, prior:
     if prior.shape[1] != num_classes:
         raise ValueError(f"the prior has {prior.shape[1]} columns for {num_classes} classes")
     model = SDMLModel(train.features.shape[1], hidden_dim, embed_dim, prior, training.seed, reconstruction_weight)
-    config = dataclasses.replace(training, select_by="loss", select_mode="min")
+    config = _modality_config(training, train, select_by="loss", select_mode="min")
     result = fit(model, train, config, lambda model: {"loss": model.validation_loss(val)})
     return ModalityTraining(model.encoder, result)
 
@@ -537,9 +601,10 @@ class CrossModalRun:
     method: str
     encoders: dict[str, ModalityTraining]
     prior: torch.Tensor
-    prior_source: str                                    # a modality name, "random", or "given"
+    prior_source: str                                    # a modality name, "random", "random_rescaled" or "given"
     priors: dict[str, PriorLearning] = field(default_factory=dict)
     wall_time_s: float = 0.0
+    initial_prior: torch.Tensor | None = None            # SPL's random orthogonal starting matrix, where known
 
     @property
     def device(self) -> torch.device:
@@ -570,19 +635,26 @@ def run_drcl(data: CrossModalData, settings: DRCLSettings, training: TrainConfig
     """DRCL end to end: SPL (unless ``priors`` are given, e.g. shared between ablations of one seed), then RSC on
     every modality with the chosen prior.
 
-    ``prior``: ``"learned"`` (SPL's selection), ``"random"`` (Table V #1: the random orthogonal W, no SPL), a
-    modality name (Fig. 3c: that modality's learned prior) or a (d, C) tensor. ``lr`` is RSC's learning rate, one
-    for all modalities or per modality (default ``training.lr``). The run keeps SPL's records only when it uses
-    SPL's prior.
+    ``prior``: ``"learned"`` (SPL's selection), ``"random"`` (Table V #1: the random orthogonal W, no SPL),
+    ``"random_rescaled"`` (the control: that random W with its columns rescaled to the norms of SPL's selected
+    prior, :func:`match_column_norms`), a modality name (Fig. 3c: that modality's learned prior) or a (d, C) tensor.
+    ``lr`` is RSC's learning rate, one for all modalities or per modality (default ``training.lr``). The run keeps
+    SPL's records only when it uses SPL's prior.
     """
     started = time.perf_counter()
+    initial = random_orthogonal_prior(settings.embed_dim, data.num_classes, training.seed)
     if isinstance(prior, torch.Tensor):
         chosen, source, used = prior, "given", {}
     elif prior == "random":
-        chosen = random_orthogonal_prior(settings.embed_dim, data.num_classes, training.seed)
-        source, used = "random", {}
+        chosen, source, used = initial, "random", {}
+    elif prior == "random_rescaled":
+        learned = dict(priors) if priors else learn_priors(data, settings, training)
+        chosen, source, used = match_column_norms(initial, learned[select_prior(learned)].prior), prior, {}
     else:
         used = dict(priors) if priors else learn_priors(data, settings, training)
+        if prior != "learned" and prior not in used:
+            raise ValueError(f"prior must be 'learned', 'random', 'random_rescaled', a modality of {list(used)} or "
+                             f"a tensor, got {prior!r}")
         source = select_prior(used) if prior == "learned" else prior
         chosen = used[source].prior
     encoders = {}
@@ -590,7 +662,7 @@ def run_drcl(data: CrossModalData, settings: DRCLSettings, training: TrainConfig
         modality_training = dataclasses.replace(training, lr=_learning_rate(training.lr if lr is None else lr, name))
         encoders[name] = train_modality(data.train[name], data.val[name], data.num_classes, chosen, settings,
                                         modality_training)
-    return CrossModalRun("drcl", encoders, chosen, source, used, time.perf_counter() - started)
+    return CrossModalRun("drcl", encoders, chosen, source, used, time.perf_counter() - started, initial)
 
 
 def run_sdml(data: CrossModalData, hidden_dim: int, embed_dim: int, training: TrainConfig,
@@ -634,15 +706,21 @@ def run_result_fields(run: CrossModalRun, data: CrossModalData) -> dict:
     - ``training``: one stage per step and modality, ``prior_<modality>`` (SPL) and ``encoder_<modality>``, each
       a :meth:`xmr.train.TrainResult.record` (budget, epochs run, best epoch, plateau or budget);
     - ``history``: :func:`run_history`;
-    - ``extra``: the method, the prior's source, SPL's quality scores, the data's description and sizes.
+    - ``extra``: the method, the prior's source and its :func:`prior_geometry`, SPL's quality scores and the
+      geometry of every modality's learned prior, the test precision-recall curves of every ordered pair (Fig. 2,
+      :func:`xmr.category_retrieval.pr_curves`), the data's description and sizes.
     """
-    metrics, per_query = map_evaluation(run.embed(data.test), paired=data.paired)
+    test_features = run.embed(data.test)
+    metrics, per_query = map_evaluation(test_features, paired=data.paired, weak_views=data.weak_views)
     metrics["val_map_all_avg"] = map_table(run.embed(data.val), ks=(None,))["map_all_avg"]
     stages = {f"prior_{name}": learned.training.record() for name, learned in run.priors.items()}
     stages.update({f"encoder_{name}": trained.training.record() for name, trained in run.encoders.items()})
     extra = {"method": run.method, "prior_source": run.prior_source,
+             "prior_geometry": prior_geometry(run.prior, run.initial_prior),
              "quality_scores": {name: learned.score for name, learned in run.priors.items()},
-             "data": data.description, "sizes": data.sizes()}
+             "learned_prior_geometry": {name: prior_geometry(learned.prior, run.initial_prior)
+                                        for name, learned in run.priors.items()},
+             "pr_curves": pr_curves(test_features), "data": data.description, "sizes": data.sizes()}
     return {"metrics": metrics, "per_query": per_query, "training": staged_training(stages),
             "history": run_history(run), "extra": extra}
 
