@@ -332,7 +332,8 @@ def load_caption_inputs(split: str, image_top: int = 0, text_top: int = 0, num_i
 
 def human_judgements(split: str, num_images: int, root=None) -> dict:
     """Flickr8k's expert and crowd judgements of the first ``num_images`` images of ``split``
-    (:mod:`xmr.data.relevance`): only the test split has them; ``{}`` where the files are missing."""
+    (:func:`xmr.data.load_expert_judgements`, :func:`xmr.data.load_crowd_judgements`): only the test split has
+    them; ``{}`` where the files are missing."""
     if split != "test":
         return {}
     try:

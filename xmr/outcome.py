@@ -37,7 +37,7 @@ class Outcome:
 
     @property
     def training(self) -> TrainResult:
-        """The last stage's training (the only one of a single-stage method): its best epoch is the model's."""
+        """The last stage's training, the only one of a single-stage method; its best epoch is the model's."""
         return list(self.stages.values())[-1]
 
     @property

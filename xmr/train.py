@@ -293,7 +293,7 @@ class RetrievalValidator:
 
     @classmethod
     def for_split(cls, inputs: CaptionInputs) -> RetrievalValidator:
-        """The validator of a split's :class:`~xmr.data.CaptionInputs`."""
+        """The validator of a split's :class:`~xmr.data.paired.CaptionInputs`."""
         return cls(inputs.image, inputs.text, inputs.text_mask, inputs.captions_per_image)
 
     def __call__(self, model: nn.Module) -> dict[str, float]:

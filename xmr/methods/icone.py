@@ -322,7 +322,7 @@ def run_schedule(settings: IConESettings, stages: Sequence[Stage], config: Train
                  start: IConEOutcome | None = None) -> IConEOutcome:
     """Train ``stages`` in turn, switching models with :func:`enter_stage`, and evaluate on the test split.
 
-    ``inputs(tops)`` returns the ``"train"``, ``"dev"`` and ``"test"`` :class:`~xmr.data.CaptionInputs` for a
+    ``inputs(tops)`` returns the ``"train"``, ``"dev"`` and ``"test"`` :class:`~xmr.data.paired.CaptionInputs` for a
     stage's (image_top, text_top). ``start`` continues from an earlier outcome (e.g. one Stage I model shared by
     several Stage II variants), whose stages the result includes; it is not changed. The seed of ``config`` seeds
     the new parameters. The outcome's parameters are ``settings``, ``config`` and every stage (``"stages"``).
