@@ -116,7 +116,8 @@ def match_column_norms(prior: torch.Tensor, reference: torch.Tensor) -> torch.Te
 
 @torch.no_grad()
 def prior_geometry(prior: torch.Tensor, initial: torch.Tensor | None = None) -> dict[str, float]:
-    """What a prior W (d x C) looks like: the mean, smallest and largest column norm, the mean and largest |cosine|
+    """What a prior W (d x C) looks like: the mean, smallest and largest column norm,
+    the mean and largest absolute cosine
     between two columns (0 for an orthogonal W), ``max |W^+ W - I|`` (the recast anchors map back to the labels) and,
     with the ``initial`` matrix it was trained from, the mean cosine of each column to its initial column."""
     prior = prior.double()
