@@ -14,7 +14,7 @@ export PYTHONHASHSEED := 0
 # a smoke kernel once hung in a tokenizer call; the Rust tokenizers' thread pool is a known deadlock source
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env test lint lab new-paper smoke-notebooks notebooks book html bench clean
+.PHONY: env test lint lab new-paper repository smoke-notebooks notebooks book html bench clean
 
 $(BIN)/.installed: pyproject.toml
 	@if [ ! -x "$(BIN)/python" ]; then \
@@ -33,6 +33,10 @@ lint: env  ## ruff on the package, tests, tools and the notebooks' code cells (t
 
 lab: env  ## JupyterLab on notebooks/, with this environment's kernel (live widgets: notebooks/explorer.ipynb)
 	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+
+repository:  ## point the book's buttons and the notebooks' Colab cells at the repository: make repository REPO=owner/xmr
+	@if [ -z "$(REPO)" ]; then echo "usage: make repository REPO=<owner>/<name> (the repository on GitHub)"; exit 2; fi
+	python3 tools/set_repository.py $(REPO)
 
 new-paper: env  ## start a reproduction from the template: make new-paper ID=smith2025
 	@if [ -z "$(ID)" ]; then echo "usage: make new-paper ID=<paper id, e.g. smith2025>"; exit 2; fi

@@ -136,6 +136,15 @@ return {
   typeset: document.querySelectorAll('article mjx-container').length,
   math_errors: document.querySelectorAll('mjx-merror').length,
   widgets: document.querySelectorAll('article .jupyter-widgets').length,
+  // shown code blocks wider than their column (a hidden input has no offsetParent)
+  wide_code: Array.from(document.querySelectorAll('article div.cell_input pre'))
+    .filter(pre => pre.offsetParent !== null && pre.scrollWidth > pre.clientWidth + 1).length,
+  // pandas' truncation: a row (or a header cell) of "..."
+  truncated_tables: Array.from(document.querySelectorAll('article table')).filter(table =>
+    Array.from(table.querySelectorAll('tr')).some(row => {
+      const cells = Array.from(row.querySelectorAll('th, td')).map(cell => cell.textContent.trim());
+      return cells.length > 1 && cells.every(text => text === '...' || text === '\u2026');
+    }) || Array.from(table.querySelectorAll('thead th')).some(cell => cell.textContent.trim() === '...')).length,
 };
 """
 
@@ -183,6 +192,8 @@ def test_every_page_in_a_real_browser(built_site, site_server, browser):
             "console errors": console_errors,
             "images that did not load": state["broken_images"],
             "MathJax errors": state["math_errors"],
+            "code blocks wider than the page": state["wide_code"],
+            "tables pandas truncated": state["truncated_tables"],
             "math left untypeset": state["math"] and (not has_mathjax or state["typeset"] == 0) and (
                 f"MathJax ready: {has_mathjax}, {state['typeset']} typeset of {state['math']} math elements"),
             **{f"fewer than {count} {what}": state[KEYS[what]] < count for what, count in expected.items()},
