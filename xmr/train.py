@@ -84,7 +84,11 @@ class TrainConfig:
     grad_clip_norm: float | None = 2.0
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when available, else CPU
-    mixed_precision: bool = True  # bfloat16 autocast, on CUDA only
+    mixed_precision: bool = True  # bfloat16 autocast, on CUDA
+    # The fast path of fine-tuning on cached activations (issue #18); both off by default: they change the
+    # rounding, so a run that leaves them off gives today's numbers. See training_autocast.
+    mixed_precision_cpu: bool = False  # bfloat16 autocast on the CPU too (AVX512-BF16/AMX: MiniLM's top x1.8)
+    channels_last: bool = False  # convolution weights, so activations, in NHWC (EfficientNet's top x1.6)
     select_by: str | None = "rsum"  # validation metric selecting the epoch; None keeps the last epoch
     select_mode: str = "max"  # "max" (Rsum, MAP) or "min" (a validation loss)
     drop_last: bool = True  # contrastive losses want full batches
@@ -312,6 +316,14 @@ def check_finite_gradients(model: nn.Module, epoch: int, step: int) -> None:
                                  "check the loss for a division by zero or a log of 0")
 
 
+def training_autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
+    """The autocast context of a training step (forward and loss; the backward follows it): bfloat16 on CUDA with
+    ``config.mixed_precision``, on the CPU with ``config.mixed_precision_cpu``, else disabled (float32).
+    Parameters, gradients and the optimiser stay float32; validation and evaluation run in float32."""
+    enabled = {"cuda": config.mixed_precision, "cpu": config.mixed_precision_cpu}.get(device.type, False)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if hasattr(model, "parameter_groups"):
         groups = model.parameter_groups(config.lr)
@@ -362,12 +374,13 @@ def fit(model: nn.Module, train_data: Dataset, config: TrainConfig,
         raise TypeError(f"{type(model).__name__} has no training_losses(batch) method: fit trains Trainable models")
     device = config.resolved_device()
     model.to(device)
+    if config.channels_last:  # 4-D weights only: convolutions then compute (and return) NHWC activations
+        model.to(memory_format=torch.channels_last)
     world_size, rank, is_main = distributed.world_size(), distributed.rank(), distributed.is_main_process()
     if config.batch_size % world_size:
         raise ValueError(f"the global batch_size {config.batch_size} must be divisible by the {world_size} processes")
     optimizer = _optimizer(model, config)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.lr_milestones), config.lr_gamma)
-    autocast = device.type == "cuda" and config.mixed_precision
     result, best_state, first_epoch = TrainResult(epochs_budget=config.max_epochs), None, 1
     checkpoint_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     fingerprint = run_fingerprint(model, train_data, config) if checkpoint_path is not None else None
@@ -402,7 +415,7 @@ def fit(model: nn.Module, train_data: Dataset, config: TrainConfig,
                    leave=False)
         for step, batch in enumerate(bar, start=1):
             batch = _to_device(batch, device)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+            with training_autocast(config, device):
                 losses = model.training_losses(batch) if step_model is None else step_model(batch)
             check_finite_losses(losses, epoch, step)
             optimizer.zero_grad(set_to_none=True)
