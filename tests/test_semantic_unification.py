@@ -1,6 +1,7 @@
 """shi2024: the stage-3 losses, the spaces and the mapping (which trains only the mapping), the three stages as one
 Outcome with the costs Sec. 3.3 is about, and the caption-only test sets. The within-modality loss is tested in
 test_losses, caption-to-caption retrieval in test_metrics, the positive sets in test_views."""
+import dataclasses
 import json
 
 import pytest
@@ -9,28 +10,35 @@ import torch.nn.functional as F
 
 from xmr.data import CaptionInputs, DatasetFormatError, DatasetNotFoundError
 from xmr.data.test_captions import CaptionSet, load_test_captions
+from xmr.data.views import RegionCropViews
 from xmr.encoders import IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, count_trainable_parameters
 from xmr.features import ExtractionSettings, FeatureCache, pooled_caption_features
 from xmr.methods.semantic_unification import (
     PAPER_ID,
     STAGES,
     CaptionRetrievalValidator,
+    HeldOutLossValidator,
     MappedDualEncoder,
     PairDistanceLoss,
     PretrainedSpace,
     SemanticSpace,
     SemanticUnificationSettings,
     build_space,
+    caption_pseudo_classes,
     map_spaces,
     run_semantic_unification,
     time_to_best_s,
+    time_to_dev_score,
+    time_to_quality,
+    train_image_space,
     train_mapping,
     train_text_space,
+    trained_space,
     training_costs,
 )
 from xmr.metrics import caption_retrieval_metrics
 from xmr.outcome import record
-from xmr.train import TrainConfig
+from xmr.train import TrainConfig, TrainResult
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -170,6 +178,8 @@ def test_three_stages_run_as_one_outcome_and_record(tmp_path):
     assert outcome.training_time_s == pytest.approx(sum(stage["training_time_s"] for stage in stages.values()))
     assert "val_map" in outcome.stages["text_space"].history[0]
     assert {f"{name}_config" for name in STAGES} <= set(outcome.parameters)
+    # each stage's config as it trained: stage 1 selects by dev caption MAP, stage 2 keeps its last epoch
+    assert [outcome.parameters[f"{name}_config"]["select_by"] for name in STAGES] == ["map", None, SMALL.select_by]
     assert outcome.parameters["mapping_in_features"] == outcome.parameters["mapping_out_features"] == 16
     path = record(tmp_path, PAPER_ID, "test_run", outcome)
     written = json.loads(path.read_text())
@@ -181,6 +191,39 @@ def test_three_stages_run_as_one_outcome_and_record(tmp_path):
     assert written["training_time_s"] == pytest.approx(outcome.training_time_s)
     assert set(written["training"]["stages"]) == set(STAGES)
     assert [row["stage"] for row in written["history"]] == ["text_space"] * 2 + ["image_space"] * 2 + ["mapping"] * 2
+
+
+def test_held_out_loss_scores_fixed_crops_and_leaves_the_model_as_found():
+    settings = SemanticUnificationSettings(text_space_dim=16, image_space_dim=16)
+    _, grid = synthetic_inputs(20, seed=3)
+    space = build_space(settings, "image").train()
+    validate = HeldOutLossValidator(RegionCropViews(grid, 2, 4), batch_size=8, seed=0)
+    assert len(validate.batches) == 2  # full batches only: 20 items make two of 8
+    first = validate(space)
+    torch.manual_seed(123)  # the crops were drawn once: the global generator does not change them
+    assert validate(space) == first and space.training
+    again = HeldOutLossValidator(RegionCropViews(grid, 2, 4), batch_size=8, seed=1)
+    assert again(space) != first["loss"]  # another seed, other crops
+    with torch.no_grad():
+        space.head.net[-1].weight.mul_(3.0)  # another model, another loss
+    assert validate(space)["loss"] != first["loss"]
+    with pytest.raises(ValueError, match="at least 2"):
+        HeldOutLossValidator(RegionCropViews(grid[:1], 2, 4), batch_size=8)
+
+
+def test_stage_two_validates_on_held_out_crops_unless_it_trains_on_classes():
+    settings = SemanticUnificationSettings(text_space_dim=16, image_space_dim=16)
+    _, grid = synthetic_inputs(32, seed=4)
+    _, dev_grid = synthetic_inputs(16, seed=5)
+    config = dataclasses.replace(SMALL, max_epochs=6, patience=2)
+    _, stage = train_image_space(settings, config, grid, validation_grid=dev_grid)
+    assert stage.selected_by == "loss" and stage.config.select_mode == "min"
+    losses = [row["val_loss"] for row in stage.training.history]
+    assert stage.training.best_epoch == 1 + losses.index(min(losses))
+    assert stage.training.stopped_by in ("plateau", "budget")
+    labels = torch.arange(32) % 4
+    _, classes = train_image_space(settings, config, grid, labels, validation_grid=dev_grid)
+    assert classes.selected_by is None and "val_loss" not in classes.training.history[0]
 
 
 def test_map_spaces_shares_the_spaces_and_training_costs_of_both_run_kinds():
@@ -216,6 +259,75 @@ def test_map_spaces_shares_the_spaces_and_training_costs_of_both_run_kinds():
     assert joint_costs["training_time_s"] == joint_costs["retrain_time_s"] \
         == pytest.approx(sum(row["train_time_s"] for row in joint.training.history))
     assert joint_costs["time_to_best_s"] == joint_costs["retrain_time_to_best_s"] == time_to_best_s(joint.training)
+
+
+def test_reused_spaces_are_not_retrained_and_are_recorded_as_they_trained():
+    settings = SemanticUnificationSettings(text_space_dim=16, image_space_dim=16)
+    train, grid = synthetic_inputs(40, seed=7)
+    first = run_semantic_unification(settings, SMALL, SMALL, SMALL, train, grid, train, train)
+    before = {name: value.clone() for name, value in first.model.text_space.state_dict().items()}
+    labels = torch.arange(40) % 4
+    second = run_semantic_unification(settings, SMALL, SMALL, SMALL, train, grid, train, train, image_labels=labels,
+                                      text_space=trained_space(first, "text_space"))
+    assert second.model.text_space is first.model.text_space
+    assert second.model.image_space is not first.model.image_space
+    for name, value in second.model.text_space.state_dict().items():
+        assert torch.equal(value, before[name])
+    assert second.stages["text_space"] is first.stages["text_space"]
+    assert second.extra["stages"]["text_space"] == first.extra["stages"]["text_space"]
+    assert second.parameters["text_space_config"] == first.parameters["text_space_config"]
+    assert second.trainable_parameters == first.trainable_parameters
+    text_to_image = SemanticUnificationSettings(text_space_dim=16, image_space_dim=16, map_from="text")
+    third = run_semantic_unification(text_to_image, SMALL, SMALL, SMALL, train, grid, train, train,
+                                     text_space=trained_space(first, "text_space"),
+                                     image_space=trained_space(first, "image_space"))
+    assert third.model.image_space is first.model.image_space and third.model.map_from == "text"
+    assert third.extra["stages"]["image_space"] == first.extra["stages"]["image_space"]
+    assert third.parameters["image_space_config"]["select_by"] is None
+    with pytest.raises(ValueError, match="stage"):
+        trained_space(first, "mapping")
+
+
+def test_time_to_quality_counts_earlier_stages_in_full():
+    settings = SemanticUnificationSettings(text_space_dim=16, image_space_dim=16)
+    train, grid = synthetic_inputs(40, seed=8)
+    outcome = run_semantic_unification(settings, SMALL, SMALL, SMALL, train, grid, train, train)
+    mapping = outcome.stages["mapping"]
+    target = mapping.history[0]["val_rsum"]
+    costs = time_to_quality(outcome, target)
+    earlier = sum(row["train_time_s"] for name in ("text_space", "image_space")
+                  for row in outcome.stages[name].history)
+    first_epoch = mapping.history[0]["train_time_s"] + outcome.preparation_time_s
+    assert costs["epochs_to_dev_rsum"] == 1
+    assert costs["retrain_time_to_dev_rsum_s"] == pytest.approx(first_epoch)
+    assert costs["time_to_dev_rsum_s"] == pytest.approx(earlier + first_epoch)
+    assert time_to_quality(outcome, max(row["val_rsum"] for row in mapping.history) + 1) is None
+
+
+def test_time_to_dev_score_counts_steps_up_to_the_first_epoch_at_the_target():
+    result = TrainResult(history=[{"epoch": 1, "train_time_s": 0.5, "val_rsum": 100.0},
+                                  {"epoch": 2, "train_time_s": 0.25, "val_rsum": 150.0},
+                                  {"epoch": 3, "train_time_s": 1.0, "val_rsum": 140.0}])
+    assert time_to_dev_score(result, 100.0) == (0.5, 1)
+    assert time_to_dev_score(result, 120.0) == (0.75, 2)
+    assert time_to_dev_score(result, 150.0) == (0.75, 2)
+    assert time_to_dev_score(result, 150.1) is None
+    assert time_to_dev_score(result, 0.0, metric="map") is None  # a metric it never validated
+
+
+def test_caption_pseudo_classes_group_images_whose_captions_agree():
+    generator = torch.Generator().manual_seed(0)
+    topics = F.normalize(torch.randn(3, TEXT_FEATURE_DIM, generator=generator), dim=-1)
+    truth = torch.arange(30) % 3
+    text = 5 * topics[truth].repeat_interleave(5, 0) + 0.3 * torch.randn(150, TEXT_FEATURE_DIM, generator=generator)
+    labels = caption_pseudo_classes(text, 5, 3, seed=1)
+    assert labels.shape == (30,)
+    # the same partition as the topics, whatever the cluster numbering
+    assert all(len(set(labels[truth == topic].tolist())) == 1 for topic in range(3))
+    assert len(set(labels.tolist())) == 3
+    assert torch.equal(labels, caption_pseudo_classes(text, 5, 3, seed=1))
+    with pytest.raises(ValueError, match="per image"):
+        caption_pseudo_classes(text[:7], 5, 3)
 
 
 def test_pretrained_mapping_maps_backbone_spaces():

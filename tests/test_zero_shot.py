@@ -1,6 +1,9 @@
 """Zero-shot evaluation of CLIP-family models (xmr.zero_shot) on tiny randomly initialised configurations:
 no pretrained weights or tokenizer files are available offline, so models are fed token-id tensors directly,
-and the checkpoint-folder path is exercised with hand-made processors."""
+and the checkpoint-folder path (load, processor, embed, score) is exercised for all four model types with
+hand-made processors: CLIP and GroupViT with a character-level CLIP tokenizer, ALIGN with MiniLM's word-piece
+tokenizer, AltCLIP with a character-level XLM-R (unigram) tokenizer. The notebook's checkpoint branch itself is
+not run by the tests (it needs real checkpoints); it calls the functions tested here."""
 import json
 
 import pytest
@@ -131,13 +134,31 @@ def align_processor():
     return transformers.AlignProcessor(image_processor=images, tokenizer=tokenizer), tokenizer.vocab_size
 
 
+def altclip_processor():
+    """AltCLIP's processor: an XLM-R tokenizer over a hand-made character-level unigram vocabulary, CLIP's image
+    processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    pieces = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(character, -3.0) for character in "abcdefghijklmnopqrstuvwxyz"] + [("<mask>", 0.0)]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=3, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer = transformers.XLMRobertaTokenizerFast(tokenizer_object=backend)
+    images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return transformers.AltCLIPProcessor(image_processor=images, tokenizer=tokenizer), len(pieces)
+
+
 def write_checkpoint(folder, model_type):
     if model_type == "align":
         processor, vocab_size = align_processor()
+    elif model_type == "altclip":
+        processor, vocab_size = altclip_processor()
     else:
         processor, vocab_size = clip_processor(folder / "vocab")
-    # CLIP-style text towers pool at the end-of-text token: the hand-made vocabulary's is 1
-    model = tiny_model(model_type, vocab_size, eos_token_id=2 if model_type == "align" else 1)
+    # CLIP-style text towers pool at the end-of-text token: the hand-made CLIP vocabulary's is 1, XLM-R's </s> 2
+    model = tiny_model(model_type, vocab_size, eos_token_id=1 if model_type in ("clip", "groupvit") else 2)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return model, processor
@@ -148,11 +169,13 @@ def shapes(tmp_path_factory):
     return make_synthetic_image_captions(tmp_path_factory.mktemp("shapes"), num_images=6, size=40)
 
 
-@pytest.mark.parametrize("model_type", ["clip", "groupvit", "align"])
+@pytest.mark.parametrize("model_type", sorted(ZERO_SHOT_MODELS))
 def test_evaluate_zero_shot_from_a_checkpoint_folder(tmp_path, shapes, model_type):
     model, processor = write_checkpoint(tmp_path / model_type, model_type)
     metrics = evaluate_zero_shot(tmp_path / model_type, shapes, batch_size=4)
     assert metrics["model_type"] == model_type
+    _, loaded = load_zero_shot_model(tmp_path / model_type)
+    assert type(loaded) is type(processor) and type(loaded.tokenizer) is type(processor.tokenizer)
     assert metrics["parameters"] == sum(p.numel() for p in model.parameters())
     # the same numbers from the in-memory model, the processor applied by hand
     encoder = ZeroShotEncoder(model)

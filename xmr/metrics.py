@@ -1,7 +1,7 @@
 """Evaluation protocols: caption retrieval (R@K, MedR, MeanR, Rsum) and category retrieval (MAP, PR curves).
 
-Caption retrieval (VSE++ convention, used by every image-caption paper in this project)
----------------------------------------------------------------------------------------
+Caption retrieval (VSE++ convention)
+------------------------------------
 ``sims`` is an ``(N_images, N_images * captions_per_image)`` similarity matrix with captions in image-major
 order: caption ``j`` belongs to image ``j // captions_per_image``.
 
@@ -24,6 +24,8 @@ order: caption ``j`` belongs to image ``j // captions_per_image``.
   O(chunk_size * N_captions) and everything stays on the tensor's device until the final scalars.
 - COCO "1K": :func:`retrieval_metrics_5fold` averages every metric over the diagonal blocks of 1000 images and
   computes rsum from the averaged recalls.
+- shi2024's Eq. (5) defines R@K as the fraction of a query's relevant items in its top K, which differs from
+  the hit rate above for i2t (5 relevant captions): :func:`relevant_fraction_recall`.
 
 Category retrieval (DRCL and its baselines)
 -------------------------------------------
@@ -176,6 +178,55 @@ def retrieval_metrics_5fold(sims: torch.Tensor, captions_per_image: int = 5, fol
     metrics = {key: sum(fold[key] for fold in folds) / n_folds for key in RETRIEVAL_KEYS if key != "rsum"}
     metrics["rsum"] = sum(metrics[key] for key in RECALL_KEYS)
     return {key: metrics[key] for key in RETRIEVAL_KEYS}
+
+
+def relevant_fraction_per_image(sims: torch.Tensor, captions_per_image: int = 5, cutoffs=RECALL_CUTOFFS,
+                                chunk_size: int = 256) -> dict[str, torch.Tensor]:
+    """Per-image recall as shi2024's Eq. (5) prints it: relevant items in the top k / all relevant items.
+
+    Returns ``i2t_r{k}`` and ``t2i_r{k}`` as (N_images,) float64 tensors in percent on the CPU: for i2t the
+    share of the image's own captions in its top k; for t2i the mean over the image's captions of "its image is
+    in the top k" (one relevant item, so Eq. (5) is the hit rate of :func:`retrieval_metrics`). Ties are
+    pessimistic as in :func:`retrieval_ranks`: the m-th best (0-based) own caption sits at position m plus the
+    number of other captions scoring at least as high. The mean over images of each entry is the metric.
+    """
+    _check_sims(sims, captions_per_image)
+    _check_positive_int(chunk_size, "chunk_size")
+    n_images, n_captions = sims.shape
+    device = sims.device
+    offsets = torch.arange(captions_per_image, device=device)
+    cutoffs = tuple(cutoffs)
+    i2t = {k: [] for k in cutoffs}
+    for start in range(0, n_images, chunk_size):
+        block = sims[start:start + chunk_size]                                             # (c, N_captions)
+        if not bool(torch.isfinite(block).all()):
+            raise ValueError("sims holds NaN or infinite values; ranks would be meaningless")
+        rows = torch.arange(block.shape[0], device=device)
+        own = (start + rows)[:, None] * captions_per_image + offsets                       # (c, cpi)
+        positives = block[rows[:, None], own].sort(dim=1, descending=True).values          # (c, cpi)
+        is_own = torch.zeros_like(block, dtype=torch.bool)
+        is_own[rows[:, None], own] = True
+        others = torch.where(is_own, torch.full_like(block, -torch.inf), block)            # (c, N_captions)
+        at_or_above = (others[:, None, :] >= positives[:, :, None]).sum(dim=2)             # (c, cpi)
+        positions = at_or_above + offsets                                                  # (c, cpi)
+        for k in cutoffs:
+            i2t[k].append(100.0 * (positions < k).double().mean(dim=1).cpu())
+    _, t2i_ranks = retrieval_ranks(sims, captions_per_image)
+    t2i_ranks = t2i_ranks.reshape(n_images, captions_per_image).cpu()
+    units = {f"i2t_r{k}": torch.cat(values) for k, values in i2t.items()}
+    units.update({f"t2i_r{k}": 100.0 * (t2i_ranks < k).double().mean(dim=1) for k in cutoffs})
+    return units
+
+
+def relevant_fraction_recall(sims: torch.Tensor, captions_per_image: int = 5,
+                             chunk_size: int = 256) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """``(metrics, query_means)``: shi2024's Eq. (5) R@1/5/10 both ways and their rsum
+    (:func:`relevant_fraction_per_image`), and the per-image values each metric is the mean of, as a result
+    file's ``per_query["query_means"]`` stores them. Only i2t differs from :func:`retrieval_metrics`."""
+    units = relevant_fraction_per_image(sims, captions_per_image, RECALL_CUTOFFS, chunk_size)
+    units["rsum"] = sum(units[key] for key in RECALL_KEYS)
+    return ({key: float(values.mean()) for key, values in units.items()},
+            {key: values.tolist() for key, values in units.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ reading, used by default, is supervised contrastive learning within the modality
 What is a positive set here (:mod:`xmr.data.views`): for text, the captions of one image
 (:class:`~xmr.data.views.CaptionGroups`); for images, views of one image and, where classes exist, images of one
 class (:class:`~xmr.data.views.RegionCropViews`). The project trains on cached backbone features, so a "view" is
-a random crop of the backbone's 7 x 7 region grid, mean-pooled. Flickr8k has no classes. The text space is
-selected by caption-to-caption MAP (:func:`xmr.metrics.caption_retrieval_metrics`, :class:`CaptionRetrievalValidator`).
+a random crop of the backbone's 7 x 7 region grid, mean-pooled. Flickr8k has no classes;
+:func:`caption_pseudo_classes` makes some (k-means on each image's mean caption feature) so that stage 2 can have
+"images of the same type" as positives. The text space is selected by caption-to-caption MAP
+(:func:`xmr.metrics.caption_retrieval_metrics`, :class:`CaptionRetrievalValidator`).
 
 At the project's CPU scale the "encoders" being trained are the projection heads on frozen EfficientNet-Lite0
 and all-MiniLM-L6-v2 features: the same heads as the joint baseline (:func:`xmr.experiment.run_dual_encoder`),
@@ -31,7 +33,7 @@ e.g. the backbones' own, :class:`PretrainedSpace`). Its objective is read two wa
 "contrastive learning with the same feature semantics", so the default is InfoNCE on the pairs (the joint
 baseline's loss too); the text of Sec. 3.3, "reducing the distance between all feature pairs", is
 :class:`PairDistanceLoss` (``mapping_loss="distance"``). :func:`training_costs` gives the costs Sec. 3.3's
-claims are about.
+claims are about, :func:`time_to_dev_score` the time a training takes to reach a given dev score.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset, default_collate
 
+from ..cluster import kmeans
 from ..data import CaptionInputs, PairedFeatures
 from ..data.views import CaptionGroups, RegionCropViews
 from ..encoders import IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, ProjectionHead, count_trainable_parameters
@@ -190,6 +194,31 @@ class CaptionRetrievalValidator:
         return caption_retrieval_metrics(features, self.captions_per_image)
 
 
+class HeldOutLossValidator:
+    """``{"loss": ...}``: a space's own training loss, averaged over fixed batches of held-out items, for a stage
+    with no retrieval signal to validate on (stage 2: instance discrimination on crops of the dev images). The
+    items (random crops) are drawn once, from ``seed``, so every epoch is scored on the same batches."""
+
+    def __init__(self, data: Dataset, batch_size: int, seed: int = 0):
+        if len(data) < 2:
+            raise ValueError(f"a held-out loss needs at least 2 items, got {len(data)}")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            items = [data[index] for index in range(len(data))]
+        size = min(batch_size, len(items))  # full batches only, as in training: a contrastive loss depends on size
+        self.batches = [default_collate(items[start : start + size]) for start in range(0, len(items) - size + 1, size)]
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        losses = [float(model.training_losses({key: value.to(device) for key, value in batch.items()})["loss"])
+                  for batch in self.batches]
+        model.train(was_training)
+        return {"loss": sum(losses) / len(losses)}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The three-stage recipe
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,7 +248,12 @@ class StageOutcome:
     training: TrainResult
     trainable_parameters: int
     preparation_time_s: float = 0.0  # work done once before the epochs (stage 3: encoding the frozen spaces)
-    selected_by: str | None = None  # the validation metric that chose the epoch; None: the last epoch was kept
+    config: TrainConfig | None = None  # the config the stage trained with (its select_by as used)
+
+    @property
+    def selected_by(self) -> str | None:
+        """The validation metric that chose the epoch; None: the last epoch was kept."""
+        return None if self.config is None else self.config.select_by
 
     def summary(self) -> dict:
         """The stage's entry in a result file's ``stages``; its training time counts steps and preparation."""
@@ -249,17 +283,27 @@ def train_text_space(settings: SemanticUnificationSettings, config: TrainConfig,
     validate = CaptionRetrievalValidator(validation_text, captions_per_image) if validation_text is not None else None
     config = dataclasses.replace(config, select_by="map" if validate is not None else None)
     training = fit(space, CaptionGroups(text, captions_per_image), config, validate=validate)
-    return space.eval(), StageOutcome(training, count_trainable_parameters(space), selected_by=config.select_by)
+    return space.eval(), StageOutcome(training, count_trainable_parameters(space), config=config)
 
 
 def train_image_space(settings: SemanticUnificationSettings, config: TrainConfig, grid: torch.Tensor,
-                      labels: torch.Tensor | None = None) -> tuple[SemanticSpace, StageOutcome]:
-    """Stage 2: the image head with crops of one image (and same-class images) as positives; last epoch kept."""
+                      labels: torch.Tensor | None = None, validation_grid: torch.Tensor | None = None,
+                      ) -> tuple[SemanticSpace, StageOutcome]:
+    """Stage 2: the image head with crops of one image (and same-class images, ``labels`` (N,), e.g.
+    :func:`caption_pseudo_classes`) as positives. With ``validation_grid`` (held-out images' region grid) and no
+    ``labels``, the epoch with the lowest instance-discrimination loss on fixed crops of those images is kept and a
+    plateau stops the stage (``config.select_by`` becomes ``"loss"``, minimised); otherwise the last epoch (held-out
+    images have no classes to validate a class objective on)."""
     torch.manual_seed(config.seed + 1)  # another draw of the initial head than stage 1's
     space = build_space(settings, "image")
     views = RegionCropViews(grid, settings.image_views, settings.min_crop, labels)
-    training = fit(space, views, dataclasses.replace(config, select_by=None))
-    return space.eval(), StageOutcome(training, count_trainable_parameters(space))
+    validate = None
+    if validation_grid is not None and labels is None:
+        held_out = RegionCropViews(validation_grid, settings.image_views, settings.min_crop)
+        validate = HeldOutLossValidator(held_out, config.batch_size, seed=config.seed)
+    config = dataclasses.replace(config, select_by="loss" if validate is not None else None, select_mode="min")
+    training = fit(space, views, config, validate=validate)
+    return space.eval(), StageOutcome(training, count_trainable_parameters(space), config=config)
 
 
 def train_mapping(image_space: nn.Module, text_space: nn.Module, settings: SemanticUnificationSettings,
@@ -288,8 +332,7 @@ def train_mapping(image_space: nn.Module, text_space: nn.Module, settings: Seman
     config = config if validate is not None else dataclasses.replace(config, select_by=None)
     training = fit(on_features, pairs, config, validate=validate)
     model = MappedDualEncoder(image_space, text_space, mapping, loss, settings.map_from).to(config.resolved_device())
-    return model.eval(), StageOutcome(training, count_trainable_parameters(model), preparation_time_s,
-                                      config.select_by)
+    return model.eval(), StageOutcome(training, count_trainable_parameters(model), preparation_time_s, config)
 
 
 @torch.no_grad()
@@ -305,37 +348,57 @@ def _encode_spaces(image_space: nn.Module, text_space: nn.Module, inputs: Captio
 
 
 def _unification_outcome(model: MappedDualEncoder, stages: dict[str, StageOutcome],
-                         settings: SemanticUnificationSettings, configs: dict[str, TrainConfig],
-                         test: CaptionInputs) -> Outcome:
-    """The :class:`~xmr.outcome.Outcome` of trained stages ending with the mapping, evaluated on ``test``."""
+                         settings: SemanticUnificationSettings, test: CaptionInputs) -> Outcome:
+    """The :class:`~xmr.outcome.Outcome` of trained stages ending with the mapping, evaluated on ``test``; the
+    parameters record each stage's config as it trained (``select_by`` included)."""
     test_metrics, per_query = evaluate_retrieval_per_query(model, test)
     parameters = {**dataclasses.asdict(settings),
-                  **{f"{name}_config": dataclasses.asdict(config) for name, config in configs.items()},
+                  **{f"{name}_config": dataclasses.asdict(stage.config) for name, stage in stages.items()},
                   "mapping_in_features": model.mapping.in_features, "mapping_out_features": model.mapping.out_features}
+    mapping = stages["mapping"]
     return Outcome(model, parameters, {name: stage.training for name, stage in stages.items()}, test_metrics,
                    per_query, sum(stage.trainable_parameters for stage in stages.values()),
-                   str(configs["mapping"].resolved_device()), preparation_time_s=stages["mapping"].preparation_time_s,
+                   str(mapping.config.resolved_device()), preparation_time_s=mapping.preparation_time_s,
                    extra={"stages": {name: stage.summary() for name, stage in stages.items()}})
 
 
 def run_semantic_unification(settings: SemanticUnificationSettings, text_config: TrainConfig,
                              image_config: TrainConfig, mapping_config: TrainConfig, train: CaptionInputs,
                              train_grid: torch.Tensor, validation: CaptionInputs, test: CaptionInputs,
-                             image_labels: torch.Tensor | None = None) -> Outcome:
+                             image_labels: torch.Tensor | None = None,
+                             text_space: tuple[SemanticSpace, StageOutcome] | None = None,
+                             image_space: tuple[SemanticSpace, StageOutcome] | None = None,
+                             validation_grid: torch.Tensor | None = None) -> Outcome:
     """The three stages in order (text space, image space, mapping), then the test metrics of the result.
 
     ``train`` / ``validation`` / ``test`` hold pooled backbone features (:func:`xmr.features.load_caption_inputs`
     with tops 0); ``train_grid`` is the training images' (N, 49, 1280) region grid for the stage-2 crops
-    (:func:`xmr.features.load_region_grid`). The outcome's ``extra["stages"]`` holds each stage's
-    :meth:`StageOutcome.summary`, its ``preparation_time_s`` the mapping's encoding of the frozen spaces.
+    (:func:`xmr.features.load_region_grid`), ``image_labels`` (N,) optional classes of those images (stage-2
+    positives), ``validation_grid`` the dev images' grid that validates stage 2 (:func:`train_image_space`).
+    ``text_space`` / ``image_space`` reuse a trained stage 1 / 2 (:func:`trained_space` of another
+    run) instead of training it; a reused stage is recorded as it trained. The outcome's ``extra["stages"]``
+    holds each stage's :meth:`StageOutcome.summary`, its ``preparation_time_s`` the mapping's encoding of the
+    frozen spaces.
     """
-    text_space, text_stage = train_text_space(settings, text_config, train.text, train.captions_per_image,
-                                              validation.text)
-    image_space, image_stage = train_image_space(settings, image_config, train_grid, image_labels)
+    if text_space is None:
+        text_space = train_text_space(settings, text_config, train.text, train.captions_per_image, validation.text)
+    text_space, text_stage = text_space
+    if image_space is None:
+        image_space = train_image_space(settings, image_config, train_grid, image_labels, validation_grid)
+    image_space, image_stage = image_space
     model, mapping_stage = train_mapping(image_space, text_space, settings, mapping_config, train, validation)
     stages = {"text_space": text_stage, "image_space": image_stage, "mapping": mapping_stage}
-    configs = {"text_space": text_config, "image_space": image_config, "mapping": mapping_config}
-    return _unification_outcome(model, stages, settings, configs, test)
+    return _unification_outcome(model, stages, settings, test)
+
+
+def trained_space(outcome: Outcome, stage: str) -> tuple[SemanticSpace, StageOutcome]:
+    """Stage ``"text_space"`` or ``"image_space"`` of a :func:`run_semantic_unification` outcome, for
+    ``text_space=`` / ``image_space=`` of another run."""
+    if stage not in ("text_space", "image_space"):
+        raise ValueError(f"stage must be 'text_space' or 'image_space', got {stage!r}")
+    config = TrainConfig(**outcome.parameters[f"{stage}_config"])
+    trained = StageOutcome(outcome.stages[stage], outcome.extra["stages"][stage]["trainable_parameters"], config=config)
+    return getattr(outcome.model, stage), trained
 
 
 def map_spaces(image_space: nn.Module, text_space: nn.Module, settings: SemanticUnificationSettings,
@@ -343,13 +406,51 @@ def map_spaces(image_space: nn.Module, text_space: nn.Module, settings: Semantic
     """Stage 3 alone between any two frozen spaces (e.g. a trained model's, with another ``mapping_loss``, or the
     backbones' own, :class:`PretrainedSpace`), evaluated on ``test``; the spaces are shared, not copied."""
     model, stage = train_mapping(image_space, text_space, settings, config, train, validation)
-    return _unification_outcome(model, {"mapping": stage}, settings, {"mapping": config}, test)
+    return _unification_outcome(model, {"mapping": stage}, settings, test)
 
 
 def time_to_best_s(result: TrainResult) -> float:
     """Seconds in training steps up to the kept epoch (the last one when no validation chose it)."""
     kept = result.best_epoch or result.epochs_run
     return float(sum(row["train_time_s"] for row in result.history[:kept]))
+
+
+def time_to_dev_score(result: TrainResult, target: float, metric: str = "rsum") -> tuple[float, int] | None:
+    """``(seconds, epoch)``: training-step seconds up to the end of the first epoch whose validation ``metric``
+    reaches ``target`` (validation excluded), and that epoch; None when no epoch reaches it."""
+    elapsed = 0.0
+    for row in result.history:
+        elapsed += row["train_time_s"]
+        if row.get(f"val_{metric}", -float("inf")) >= target:
+            return float(elapsed), int(row["epoch"])
+    return None
+
+
+@torch.no_grad()
+def caption_pseudo_classes(text: torch.Tensor, captions_per_image: int, num_classes: int,
+                           seed: int = 0) -> torch.Tensor:
+    """(N,) pseudo-classes of N images: spherical k-means (:func:`xmr.cluster.kmeans`) on each image's mean
+    caption feature (``text`` (N * captions_per_image, C), image-major), so that images whose captions say
+    similar things share a class: stage 2's "images of the same type" where a dataset has no classes."""
+    if len(text) % captions_per_image:
+        raise ValueError(f"{len(text)} captions are not {captions_per_image} per image")
+    means = F.normalize(text.float(), dim=-1).reshape(-1, captions_per_image, text.shape[-1]).mean(dim=1)  # (N, C)
+    return kmeans(means, num_classes, metric="cosine", seed=seed).labels.cpu()
+
+
+def time_to_quality(outcome: Outcome, target: float, metric: str = "rsum") -> dict[str, float] | None:
+    """Costs of reaching a fixed dev score, as :func:`training_costs` names them: ``time_to_dev_<metric>_s``,
+    the training-step seconds until the last (cross-modal) stage first validates at ``target`` or above, earlier
+    stages counted in full and preparation included; ``retrain_time_to_dev_<metric>_s``, the same for the
+    cross-modal part alone; ``epochs_to_dev_<metric>``, that stage's epochs. None when no epoch reaches it."""
+    reached = time_to_dev_score(outcome.training, target, metric)
+    if reached is None:
+        return None
+    seconds, epoch = reached
+    earlier = sum(row["train_time_s"] for result in list(outcome.stages.values())[:-1] for row in result.history)
+    retrain = seconds + outcome.preparation_time_s
+    return {f"time_to_dev_{metric}_s": float(earlier) + retrain, f"retrain_time_to_dev_{metric}_s": retrain,
+            f"epochs_to_dev_{metric}": epoch}
 
 
 def training_costs(outcome: Outcome) -> dict[str, float]:
