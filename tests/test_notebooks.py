@@ -18,9 +18,13 @@ from smoke_notebooks import CHECKED, NOTEBOOKS, REFERENCES, paper_ids  # noqa: E
 PAPER_IDS = paper_ids()
 
 
+PRESENTATION_TAGS = {f"{action}-{part}" for action in ("hide", "remove") for part in ("input", "output", "cell")}
+
+
 def code_cells(notebook: nbformat.NotebookNode) -> list[tuple[str, list[str]]]:
-    """(source, tags) of each code cell, without papermill's injected-parameters cell."""
-    return [(cell.source, sorted(cell.metadata.get("tags", []))) for cell in notebook.cells
+    """(source, tags) of each code cell, without papermill's injected-parameters cell; the book's presentation
+    tags (hide-input, remove-cell, ...) change nothing nbval runs or checks, so they are left out."""
+    return [(cell.source, sorted(set(cell.metadata.get("tags", [])) - PRESENTATION_TAGS)) for cell in notebook.cells
             if cell.cell_type == "code" and "injected-parameters" not in cell.metadata.get("tags", [])]
 
 
