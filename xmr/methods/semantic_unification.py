@@ -252,7 +252,7 @@ class StageOutcome:
 
     @property
     def selected_by(self) -> str | None:
-        """The validation metric that chose the epoch; None: the last epoch was kept."""
+        """Which validation metric chose the epoch (None when the last epoch was kept)."""
         return None if self.config is None else self.config.select_by
 
     def summary(self) -> dict:
