@@ -48,11 +48,8 @@ test: env  ## unit tests, the notebooks in smoke mode (nbval), a strict build of
 smoke-notebooks: env  ## re-execute the smoke references that nbval checks (after changing a notebook)
 	$(BIN)/python tools/smoke_notebooks.py
 
-notebooks: env  ## execute every notebook in place with its default (book) parameters; the only run that publishes into results/
-	@for nb in $(NOTEBOOKS); do \
-		echo "papermill $$nb"; \
-		XMR_BOOK_RUN=1 $(BIN)/papermill --execution-timeout 3600 --cwd notebooks "$$nb" "$$nb" || exit 1; \
-	done
+notebooks: env  ## execute every notebook in place with its default (book) parameters; the only run that publishes into results/ (tools/run_notebook.py: retries a hung explorer)
+	XMR_BOOK_RUN=1 $(BIN)/python tools/run_notebook.py $(NOTEBOOKS)
 
 html: env  ## render the site from the already executed notebooks (assets served locally: works offline)
 	$(BIN)/python tools/vendor_web_assets.py

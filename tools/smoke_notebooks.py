@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import nbformat
-import papermill
 import yaml
+from run_notebook import execute
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -37,10 +37,8 @@ def paper_ids() -> list[str]:
 def regenerate(paper_id: str) -> Path:
     REFERENCES.mkdir(parents=True, exist_ok=True)
     target = REFERENCES / f"{paper_id}.ipynb"
-    executed = papermill.execute_notebook(str(NOTEBOOKS / f"{paper_id}.ipynb"), str(target),
-                                          parameters=smoke_parameters(paper_id), cwd=str(REFERENCES),
-                                          kernel_name="python3", progress_bar=False,
-                                          execution_timeout=600)
+    executed = execute(NOTEBOOKS / f"{paper_id}.ipynb", target, REFERENCES, parameters=smoke_parameters(paper_id),
+                       kernel_name="python3", progress_bar=False)
     for cell in executed.cells:
         if cell.cell_type == "code" and CHECKED not in cell.metadata.get("tags", []):
             cell.outputs, cell.execution_count = [], None
