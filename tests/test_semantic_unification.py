@@ -17,7 +17,6 @@ from xmr.methods.semantic_unification import (
     PAPER_ID,
     STAGES,
     CaptionRetrievalValidator,
-    HeldOutLossValidator,
     MappedDualEncoder,
     PairDistanceLoss,
     PretrainedSpace,
@@ -38,7 +37,7 @@ from xmr.methods.semantic_unification import (
 )
 from xmr.metrics import caption_retrieval_metrics
 from xmr.outcome import record
-from xmr.train import TrainConfig, TrainResult
+from xmr.train import HeldOutLossValidator, TrainConfig, TrainResult
 
 DTYPES = [torch.float32, torch.float64]
 

@@ -31,7 +31,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, default_collate
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -302,6 +302,32 @@ class RetrievalValidator:
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         return evaluate_retrieval(model, self.image, self.text, self.text_mask, self.captions_per_image)
+
+
+class HeldOutLossValidator:
+    """``validate(model) -> {"loss": ...}`` for :func:`fit`: the model's own training loss, averaged over fixed
+    batches of held-out items, for a stage with no retrieval signal to validate on (shi2024's stage 2: instance
+    discrimination on crops of the dev images; use ``select_by="loss", select_mode="min"``). Random items (crops)
+    are drawn once, from ``seed``, so every epoch is scored on the same batches."""
+
+    def __init__(self, data: Dataset, batch_size: int, seed: int = 0):
+        if len(data) < 2:
+            raise ValueError(f"a held-out loss needs at least 2 items, got {len(data)}")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            items = [data[index] for index in range(len(data))]
+        size = min(batch_size, len(items))  # full batches only, as in training: a contrastive loss depends on size
+        self.batches = [default_collate(items[start : start + size]) for start in range(0, len(items) - size + 1, size)]
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        losses = [float(model.training_losses({key: value.to(device) for key, value in batch.items()})["loss"])
+                  for batch in self.batches]
+        model.train(was_training)
+        return {"loss": sum(losses) / len(losses)}
 
 
 def check_finite_gradients(model: nn.Module, epoch: int, step: int) -> None:

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, default_collate
 
 from ..cluster import kmeans
 from ..data import CaptionInputs, PairedFeatures
@@ -54,7 +53,15 @@ from ..encoders import IMAGE_FEATURE_DIM, TEXT_FEATURE_DIM, ProjectionHead, coun
 from ..losses import InfoNCELoss, SupervisedContrastiveLoss
 from ..metrics import caption_retrieval_metrics
 from ..outcome import Outcome
-from ..train import RetrievalValidator, TrainConfig, TrainResult, encode, evaluate_retrieval_per_query, fit
+from ..train import (
+    HeldOutLossValidator,
+    RetrievalValidator,
+    TrainConfig,
+    TrainResult,
+    encode,
+    evaluate_retrieval_per_query,
+    fit,
+)
 
 PAPER_ID = "shi2024"
 STAGES = ("text_space", "image_space", "mapping")
@@ -192,31 +199,6 @@ class CaptionRetrievalValidator:
                               for start in range(0, len(self.text), self.batch_size)])
         model.train(was_training)
         return caption_retrieval_metrics(features, self.captions_per_image)
-
-
-class HeldOutLossValidator:
-    """``{"loss": ...}``: a space's own training loss, averaged over fixed batches of held-out items, for a stage
-    with no retrieval signal to validate on (stage 2: instance discrimination on crops of the dev images). The
-    items (random crops) are drawn once, from ``seed``, so every epoch is scored on the same batches."""
-
-    def __init__(self, data: Dataset, batch_size: int, seed: int = 0):
-        if len(data) < 2:
-            raise ValueError(f"a held-out loss needs at least 2 items, got {len(data)}")
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            items = [data[index] for index in range(len(data))]
-        size = min(batch_size, len(items))  # full batches only, as in training: a contrastive loss depends on size
-        self.batches = [default_collate(items[start : start + size]) for start in range(0, len(items) - size + 1, size)]
-
-    @torch.no_grad()
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        losses = [float(model.training_losses({key: value.to(device) for key, value in batch.items()})["loss"])
-                  for batch in self.batches]
-        model.train(was_training)
-        return {"loss": sum(losses) / len(losses)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
