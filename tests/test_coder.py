@@ -57,7 +57,7 @@ def reference_raw_diversity(values, eps=EPS):
 
 
 def reference_direction(sims, bank_sims=None, bank_negatives=False, diversity=True, bank_diversity=True,
-                        form="literal"):
+                        form="literal", alpha=2.0, constant=1.0):
     """One direction of Eq. (5) (Eq. (4) when diversity=False) with loops; the diversity is a constant.
     form="infonce_margin": mu * -log(exp(S_nn / t) / (exp(S_nn / t) + sum_q exp((S_nq + gamma) / t)))."""
     size = len(sims)
@@ -69,12 +69,13 @@ def reference_direction(sims, bank_sims=None, bank_negatives=False, diversity=Tr
             raw_bank = [reference_raw_diversity([float(s.detach()) for s in bank_sims[n]]) for n in range(size)]
             div = [(d + r / max(raw_bank)) / 2 for d, r in zip(div, raw_bank)]
     else:
-        div = [1.0] * size
+        div = [constant] * size
     total = 0.0
-    shift = -GAMMA if form == "literal" else GAMMA
+    printed = form in ("literal", "multi_similarity")
+    shift = -GAMMA if printed else GAMMA
     for n in range(size):
         t = MU * div[n]
-        inside = 1.0 if form == "literal" else torch.exp(sims[n][n] / t)
+        inside = 1.0 if printed else torch.exp(sims[n][n] / t)
         for q in range(size):
             if q != n:
                 inside = inside + torch.exp((sims[n][q] + shift) / t)
@@ -83,6 +84,9 @@ def reference_direction(sims, bank_sims=None, bank_negatives=False, diversity=Tr
                 inside = inside + torch.exp((value + shift) / t)
         if form == "literal":
             total = total + torch.log(torch.as_tensor(inside)) - torch.log(1 + sims[n][n])
+        elif form == "multi_similarity":  # MS: (1/alpha) log(1 + exp(-alpha (S_nn - lambda))), lambda = gamma
+            pull = torch.log(1 + torch.exp(-alpha * (sims[n][n] - GAMMA))) / alpha
+            total = total + torch.log(torch.as_tensor(inside)) + pull / MU
         else:
             total = total - torch.log(torch.exp(sims[n][n] / t) / inside)
     return MU * total / size
@@ -658,3 +662,39 @@ def test_run_coder_is_seeded_by_the_config_and_clusters_when_it_has_prototypes(g
     assert parameters["seed"] == 3 and parameters["num_clusters"] == 4 and parameters["max_epochs"] == 1
     assert (parameters["caption_choice"], parameters["image_top"], parameters["text_top"]) == ("all", 0, 0)
     assert set(dataclasses.asdict(settings)) | set(dataclasses.asdict(config)) <= set(parameters)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 10.0])
+def test_multi_similarity_pull_matches_loop_reference(generator, alpha):
+    image_leaf, image = _unit(generator, torch.float64, 5)
+    text_leaf, text = _unit(generator, torch.float64, 5)
+    out = DiversityContrastiveLoss(MU, GAMMA, EPS, form="multi_similarity", ms_alpha=alpha)(image, text)
+    sims = reference_sims(image, text)
+    reference = (reference_direction(sims, form="multi_similarity", alpha=alpha)
+                 + reference_direction(transpose(sims), form="multi_similarity", alpha=alpha))
+    torch.testing.assert_close(out["loss"], reference, rtol=1e-10, atol=1e-12)
+    for got, want in zip(_grads(out["loss"], (image_leaf, text_leaf)), _grads(reference, (image_leaf, text_leaf))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_multi_similarity_keeps_the_printed_negative_term(generator):
+    """Same negatives, another pull: literal minus MS = -mu log(1 + S_nn) - softplus(-alpha (S_nn - gamma)) / alpha."""
+    image = F.normalize(torch.randn(6, 4, generator=generator, dtype=torch.float64), dim=1)
+    text = F.normalize(torch.randn(6, 4, generator=generator, dtype=torch.float64), dim=1)
+    literal = DiversityContrastiveLoss(MU, GAMMA, EPS, form="literal")(image, text)["loss_i2t"]
+    ms = DiversityContrastiveLoss(MU, GAMMA, EPS, form="multi_similarity", ms_alpha=2.0)(image, text)["loss_i2t"]
+    positives = (image * text).sum(dim=1)
+    expected = (-MU * torch.log(1 + positives) - F.softplus(-2.0 * (positives - GAMMA)) / 2.0).mean()
+    torch.testing.assert_close(literal - ms, expected)
+
+
+def test_constant_diversity_is_the_implicit_form_at_a_scaled_temperature(generator):
+    image_leaf, image = _unit(generator, torch.float64, 5)
+    text_leaf, text = _unit(generator, torch.float64, 5)
+    for form in DiversityContrastiveLoss.FORMS:
+        out = DiversityContrastiveLoss(MU, GAMMA, EPS, diversity=False, form=form, constant_diversity=0.8)(image, text)
+        sims = reference_sims(image, text)
+        reference = (reference_direction(sims, diversity=False, form=form, constant=0.8)
+                     + reference_direction(transpose(sims), diversity=False, form=form, constant=0.8))
+        torch.testing.assert_close(out["loss"], reference, rtol=1e-10, atol=1e-12)
+    assert DiversityContrastiveLoss(diversity=False).anchor_diversity(torch.eye(3)).tolist() == [1.0, 1.0, 1.0]

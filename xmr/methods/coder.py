@@ -13,8 +13,12 @@ Equation numbers are the paper's.
   ``mu * [log(1 + sum_{q != n} exp((S_nq - gamma) / (mu * div_n))) - log(1 + S_nn)]``, averaged over anchors;
   ``loss = loss_i2t + loss_t2i``. Not InfoNCE: the positive sits outside the exponential. ``log(1 + S_nn)`` is
   -inf at S_nn = -1, so ``1 + S_nn`` is clamped at ``positive_floor`` (the clamped region has zero gradient).
-  ``diversity=False`` is Eq. (4) (div = 1, "IE" in Table 3). ``form="infonce_margin"`` is a flagged alternative
+  ``diversity=False`` is Eq. (4) (div = 1, "IE" in Table 3; ``constant_diversity`` c sets div = c for every
+  anchor, the implicit form at temperature mu * c). ``form="infonce_margin"`` is a flagged alternative
   reading (positive inside the softmax, negatives offset by +gamma); not the paper's formula.
+  ``form="multi_similarity"`` keeps the printed negative term, which is the Multi-Similarity loss's (Wang et al.,
+  CVPR 2019) with beta = 1 / (mu * div_n) and lambda = gamma, and replaces the printed pull ``-mu log(1 + S_nn)``
+  by that loss's positive term ``(1 / alpha) log(1 + exp(-alpha (S_nn - gamma)))`` (``ms_alpha``; MS's alpha = 2).
 - **Same-image candidates** (the paper is silent): with five captions per image, another caption of the anchor's
   image can sit in the batch or in a bank. Given ids (``pair_ids``, ``bank_ids``; :class:`CODERModel` passes the
   image index when ``exclude_same_image``) such candidates are neither negatives nor part of the diversity.
@@ -112,19 +116,25 @@ class DiversityContrastiveLoss(nn.Module):
     the softmax and negatives must beat it by the margin, ``mu * [log(exp(S_nn / t) + sum_{q != n}
     exp((S_nq + gamma) / t)) - S_nn / t]`` with ``t = mu * div_n`` (InfoNCE with a CosFace-style margin). The
     literal form's only pull on a positive is ``-mu log(1 + S_nn)``, weak next to the push of many negatives.
+    ``form="multi_similarity"`` keeps the printed negative term and pulls the positive with the Multi-Similarity
+    loss's positive term: ``mu log(1 + sum_q exp((S_nq - gamma) / t)) + (1 / ms_alpha) log(1 + exp(-ms_alpha
+    (S_nn - gamma)))``. ``constant_diversity`` is the div of every anchor when ``diversity=False``.
 
     ``pair_ids`` (B,) and ``bank_ids`` (Q,) (e.g. image indices) make candidates that share the anchor's id
     neither negatives nor part of its diversity: another caption of the same image in the batch or the bank is
     not a negative. The paper says nothing about this; without ids every non-diagonal candidate is a negative.
     """
 
-    FORMS = ("literal", "infonce_margin")
+    FORMS = ("literal", "infonce_margin", "multi_similarity")
 
     def __init__(self, mu: float = 0.1, gamma: float = 0.3, eps: float = 0.1, diversity: bool = True,
-                 bank_diversity: bool = True, positive_floor: float = 1e-6, form: str = "literal"):
+                 bank_diversity: bool = True, positive_floor: float = 1e-6, form: str = "literal",
+                 ms_alpha: float = 2.0, constant_diversity: float = 1.0):
         super().__init__()
-        if not (mu > 0 and eps > 0 and positive_floor > 0):
-            raise ValueError(f"mu, eps and positive_floor must be positive, got {mu}, {eps}, {positive_floor}")
+        if not (mu > 0 and eps > 0 and positive_floor > 0 and ms_alpha > 0 and constant_diversity > 0):
+            raise ValueError("mu, eps, positive_floor, ms_alpha and constant_diversity must be positive, got "
+                             f"{mu}, {eps}, {positive_floor}, {ms_alpha}, {constant_diversity}")
+        self.ms_alpha, self.constant_diversity = ms_alpha, constant_diversity
         if form not in self.FORMS:
             raise ValueError(f"form must be one of {self.FORMS}, got {form!r}")
         self.form = form
@@ -137,7 +147,7 @@ class DiversityContrastiveLoss(nn.Module):
         """div_n (N,) of the anchors (rows) of ``sims`` (N, N), positives on the diagonal; with ``bank_sims``
         (N, Q), Q > 0, and ``bank_diversity`` the mean of the batch-level and bank-level values (Eq. 6 note)."""
         if not self.diversity:
-            return torch.ones(len(sims), dtype=sims.dtype, device=sims.device)
+            return torch.full((len(sims),), self.constant_diversity, dtype=sims.dtype, device=sims.device)
         div = diversity_scores(sims, negative_mask, self.eps)  # (N,)
         if bank_sims is not None and bank_sims.shape[1] > 0 and self.bank_diversity:
             if bank_negative_mask is None:
@@ -160,9 +170,10 @@ class DiversityContrastiveLoss(nn.Module):
         div = self.anchor_diversity(sims, bank_sims, negative_mask, bank_negative_mask)  # (N,)
         temperature = self.mu * div[:, None]  # (N, 1)
         positives = sims.diagonal()  # (N,)
-        shift = -self.gamma if self.form == "literal" else self.gamma  # negatives' offset inside exp
+        printed_negatives = self.form != "infonce_margin"  # literal and multi_similarity: Eq. (5)'s negative term
+        shift = -self.gamma if printed_negatives else self.gamma  # negatives' offset inside exp
         logits = ((sims + shift) / temperature).masked_fill(~negative_mask, -torch.inf)  # (N, N)
-        if self.form == "literal":
+        if printed_negatives:
             first = torch.zeros_like(positives)[:, None]  # the "+ 1" inside the log is exp(0)
         else:
             first = (positives / temperature[:, 0])[:, None]  # the positive's own logit
@@ -173,6 +184,9 @@ class DiversityContrastiveLoss(nn.Module):
                 bank_logits = bank_logits.masked_fill(~bank_negative_mask, -torch.inf)
             columns.append(bank_logits)
         negative_term = torch.logsumexp(torch.cat(columns, dim=1), dim=1)  # log(1 + sum_q exp(...)), (N,)
+        if self.form == "multi_similarity":  # MS's pull: (1 / alpha) softplus(-alpha (S_nn - gamma)), (N,)
+            pull = F.softplus(-self.ms_alpha * (positives - self.gamma)) / self.ms_alpha
+            return (self.mu * negative_term + pull).mean(), div
         if self.form == "literal":
             positive_term = torch.log((1 + positives).clamp_min(self.positive_floor))  # log(1 + S_nn), (N,)
         else:
@@ -486,8 +500,10 @@ class CODERSettings:
     mu: float = 0.1  # DCL temperature (Eq. 5)
     gamma: float = 0.3  # DCL margin (Eq. 5)
     eps: float = 0.1  # diversity scale (Eq. 3)
-    form: str = "literal"  # DCL as printed; "infonce_margin": the flagged alternative (see DiversityContrastiveLoss)
+    form: str = "literal"  # DCL as printed; "infonce_margin" / "multi_similarity": flagged readings (see the loss)
+    ms_alpha: float = 2.0  # alpha of the Multi-Similarity pull (form="multi_similarity"; MS paper: 2)
     diversity: bool = True  # explicit diversity, Eq. (5); False: implicit, Eq. (4)
+    constant_diversity: float = 1.0  # div of every anchor when diversity=False (1: Eq. 4); temperature mu * c
     memory_bank: bool = True  # keep momentum encoders and queues
     memory_loss: bool = True  # the M-DCL term (Eq. 6); needs memory_bank
     bank_diversity: bool = True  # the banks enter the diversity estimate ("MB", Table 3)
@@ -502,6 +518,7 @@ class CODERSettings:
     prototypes: bool = True  # L_PGC (Eq. 7); needs concepts
     num_clusters: int = 10000  # K (F30K: 10000 for ~29.8k images); scale it to the training set
     kmeans_iterations: int = 20  # not given in the paper
+    kmeans_init: str = "k-means++"  # the first clustering's initialisation ("random": K distinct points, cheaper)
     fusion_weight: float = 0.9  # beta (Sec. 4.2)
     seed: int = 0  # k-means seeds
 
@@ -565,7 +582,8 @@ class CODERModel(nn.Module):
         self.image_concept_pooling = None if pooled else GPO(presorted=True)
         self.text_concept_pooling = None if pooled else GPO(presorted=True)
         self.dcl = DiversityContrastiveLoss(settings.mu, settings.gamma, settings.eps, settings.diversity,
-                                            settings.bank_diversity, form=settings.form)
+                                            settings.bank_diversity, form=settings.form, ms_alpha=settings.ms_alpha,
+                                            constant_diversity=settings.constant_diversity)
         if settings.memory_bank:
             self.image_key_head = momentum_encoder(self.image_head)  # momentum copies: keys for the queues
             self.text_key_head = momentum_encoder(self.text_head)
@@ -738,7 +756,8 @@ class CODERModel(nn.Module):
         features = self.prototype_features()
         previous = self.prototype_centroids if bool(self.clustered) else None
         self.last_clustering = kmeans(features, self.settings.num_clusters, self.settings.kmeans_iterations,
-                                      seed=self.settings.seed * 1_000 + epoch, initial_centroids=previous)
+                                      init=self.settings.kmeans_init, seed=self.settings.seed * 1_000 + epoch,
+                                      initial_centroids=previous)
         self.prototype_labels = self.last_clustering.labels.to(features.device)
         self.prototype_centroids.copy_(self.last_clustering.centroids)
         distributed.broadcast_tensors(self.prototype_labels, self.prototype_centroids)  # rank 0's, under torchrun
