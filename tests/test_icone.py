@@ -20,6 +20,7 @@ from xmr.methods.icone import (
     enter_stage,
     literal_eq6_image_to_text,
     paper_stages,
+    run_baseline,
     run_schedule,
 )
 from xmr.outcome import record
@@ -314,6 +315,22 @@ def test_continued_schedule_is_one_outcome_whose_result_file_holds_every_stage(t
     assert written["metrics"]["val_rsum"] == pytest.approx(both.training.best_metrics["rsum"])
     assert written["trainable_parameters"] == both.trainable_parameters == (1280 + 1) * 8 + (384 + 1) * 8 + 12 * 8
     assert [row["stage"] for row in written["history"]] == ["1_I", "2_II", "2_II"]
+
+
+def test_baseline_trains_like_a_stage_and_records_its_loss(tmp_path, generator):
+    def split(num_images):
+        return CaptionInputs(torch.randn(num_images, 1280, generator=generator),
+                             torch.randn(5 * num_images, 384, generator=generator))
+
+    data = {"train": split(12), "dev": split(4), "test": split(4)}
+    config = TrainConfig(batch_size=4, progress=False, device="cpu", patience=None)
+    stage = Stage("VSE++", 2, 1e-3, 0.0, 0.0, captions="all")
+    outcome = run_baseline("max_triplet", {"margin": 0.2}, IConESettings(embed_dim=8), stage, config, lambda tops: data)
+    assert outcome.training.epochs_run == 2 and len(outcome.training.step_losses) == 2 * 60 // 4  # all captions
+    assert outcome.model.loss.max_violation and outcome.model.loss.margin == 0.2
+    written = json.loads(record(tmp_path, PAPER_ID, "test_baseline", outcome).read_text())
+    assert written["parameters"]["loss"] == "max_triplet" and written["parameters"]["stages"][0]["name"] == "VSE++"
+    assert written["trainable_parameters"] == (1280 + 1) * 8 + (384 + 1) * 8
 
 
 # --- on real cached inputs ------------------------------------------------------------------------------------

@@ -349,6 +349,25 @@ def run_schedule(settings: IConESettings, stages: Sequence[Stage], config: Train
                         str(config.resolved_device()), schedule=schedule)
 
 
+def run_baseline(loss: str, loss_options: Mapping, settings: IConESettings, stage: Stage, config: TrainConfig,
+                 inputs: InputsByTops) -> Outcome:
+    """A single-loss dual encoder (``xmr.losses.make_loss(loss, **loss_options)``, e.g. VSE++'s
+    ``"max_triplet"``) trained like one IConE stage: the same heads and tops, data (``stage.captions``), epoch
+    budget, learning rate and plateau rule (``stage``'s loss weights are not used). The paper's baselines run
+    in our setting, so that they are compared with IConE on equal terms."""
+    data = inputs(stage.tops)
+    torch.manual_seed(config.seed)
+    model = build_dual_encoder(DualEncoderSettings(loss=loss, loss_options=dict(loss_options),
+                                                   embed_dim=settings.embed_dim, projection=settings.projection,
+                                                   image_top=stage.image_top, text_top=stage.text_top))
+    result = train_stage(model, stage, config, data["train"], data["dev"])
+    metrics, per_query = evaluate_retrieval_per_query(model, data["test"])
+    parameters = {"loss": loss, "loss_options": dict(loss_options), **dataclasses.asdict(settings),
+                  **dataclasses.asdict(config), "stages": [dataclasses.asdict(stage)]}
+    return Outcome(model, parameters, {f"1_{stage.name}": result}, metrics, per_query,
+                   count_trainable_parameters(model), str(config.resolved_device()))
+
+
 def tokenized_caption_inputs(split, image: torch.Tensor, tokenizer: Callable) -> CaptionInputs:
     """Inputs for a scratch text encoder: ``image`` inputs as cached, captions as word-piece ids (5N, L) and
     their mask; ``tokenizer`` is e.g. ``TextBackbone().tokenize``."""
@@ -358,4 +377,4 @@ def tokenized_caption_inputs(split, image: torch.Tensor, tokenizer: Callable) ->
 
 __all__ = ["PAPER_ID", "InstanceLoss", "IConELoss", "IConEModel", "IConEOutcome", "IConESettings", "Stage",
            "ScratchTextEncoder", "build_icone_model", "enter_stage", "literal_eq6_image_to_text", "paper_stages",
-           "run_schedule", "tokenized_caption_inputs", "train_stage"]
+           "run_baseline", "run_schedule", "tokenized_caption_inputs", "train_stage"]
