@@ -156,3 +156,21 @@ def test_record_writes_a_file_read_record_reads_back(generator, tmp_path):
     assert list(written["training"]["stages"]) == ["warmup", "main"] and written["training"]["epochs_run"] == 4
     assert [row["epoch"] for row in written["history"]] == [1, 2, 3, 4]
     assert [row["stage"] for row in written["history"]] == ["warmup", "warmup", "main", "main"]
+
+
+def test_start_carries_over_the_trained_heads(generator):
+    """A run started from a trained model begins where it ended (a tiny rate keeps it there); tops it did not
+    train start pretrained, and a model of another size does not fit."""
+    train, dev, test = (_synthetic_split(generator, size) for size in (16, 8, 8))
+    config = TrainConfig(max_epochs=2, batch_size=8, lr=1e-3, progress=False, device="cpu")
+    first = run_dual_encoder(DualEncoderSettings(embed_dim=8), config, train, dev, test)
+    still = dataclasses.replace(config, max_epochs=1, lr=1e-12)
+    again = run_dual_encoder(DualEncoderSettings(embed_dim=8), still, train, dev, test, start=first.model)
+    for name, value in first.model.state_dict().items():
+        torch.testing.assert_close(again.model.state_dict()[name], value, atol=1e-6, rtol=0)
+    assert again.test_metrics == pytest.approx(first.test_metrics)
+    topped = build_dual_encoder(DualEncoderSettings(embed_dim=8, image_top=1))
+    missing, unexpected = topped.load_state_dict(first.model.state_dict(), strict=False)
+    assert not unexpected and missing and all(".upper." in key for key in missing)
+    with pytest.raises((ValueError, RuntimeError)):
+        run_dual_encoder(DualEncoderSettings(embed_dim=16), still, train, dev, test, start=first.model)

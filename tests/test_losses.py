@@ -291,6 +291,20 @@ def test_infonce_two_pairs_at_0_and_90_degrees():
     assert 0 < float(InfoNCELoss(0.05)(pairs, pairs)["loss"]) < 1e-8
 
 
+def test_literal_infonce_is_bounded_below_by_log_b_minus_1_minus_2_over_tau():
+    """With unit embeddings S lies in [-1, 1], so each anchor's literal Eq. (4) term, -S_ii / tau +
+    log sum_{j != i} exp(S_ij / tau), is at least -1/tau + log(B - 1) - 1/tau; antipodal pairs reach it."""
+    tau = 0.5
+    literal = InfoNCELoss(tau, exclude_positive_from_denominator=True)
+    antipodal = angles(0, 180)  # S = [[1, -1], [-1, 1]]: B = 2, the bound is -2 / tau
+    assert float(literal(antipodal, antipodal)["loss"]) == pytest.approx(-2 / tau)
+    generator = torch.Generator().manual_seed(0)
+    for batch in (2, 8, 64):
+        image = torch.nn.functional.normalize(torch.randn(batch, 16, generator=generator), dim=1)
+        text = torch.nn.functional.normalize(image + 0.3 * torch.randn(batch, 16, generator=generator), dim=1)
+        assert float(literal(image, text)["loss"]) >= math.log(batch - 1) - 2 / tau
+
+
 def test_infonce_directions_differ_and_ties_hand_computed():
     # Images at 0 and 90 degrees, captions at 0 and 45: S = [[1, r], [0, r]] with r = cos 45 = sin 45.
     image, text = angles(0, 90), angles(0, 45)

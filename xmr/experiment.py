@@ -93,11 +93,19 @@ def _device(model: torch.nn.Module) -> torch.device:
 def run_dual_encoder(settings: DualEncoderSettings, config: TrainConfig, train: CaptionInputs,
                      validation: CaptionInputs, test: CaptionInputs,
                      checkpoint_dir: str | Path | None = None,
-                     loss: torch.nn.Module | None = None) -> Outcome:
+                     loss: torch.nn.Module | None = None, start: torch.nn.Module | None = None) -> Outcome:
     """Train a dual encoder (one random caption per image per epoch) until its validation Rsum stops improving
-    or its budget ends, restore the best validation epoch, and evaluate it on ``test``."""
+    or its budget ends, restore the best validation epoch, and evaluate it on ``test``.
+
+    ``start``: a trained dual encoder to start from (its heads and any tops it trained; tops it kept frozen start
+    pretrained, i.e. from what it computed): fine-tuning after a linear probe. None: fresh heads."""
     torch.manual_seed(config.seed)
     model = build_dual_encoder(settings, loss)
+    if start is not None:
+        missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
+        untrained = [key for key in missing if ".upper." not in key]  # only pretrained tops may be missing
+        if unexpected or untrained:
+            raise ValueError(f"start does not fit these settings: unexpected {unexpected}, missing {untrained}")
     pairs = PairedFeatures(train.image, train.text, train.text_mask, train.captions_per_image,
                            caption_choice="random", seed=config.seed)
     training = fit(model, pairs, config, validate=RetrievalValidator.for_split(validation),

@@ -95,8 +95,9 @@ class InfoNCELoss(nn.Module):
 
     ``exclude_positive_from_denominator=True`` is the report's literal Eq. (4), whose denominators run over
     negatives only (``1[c' != c]``): SimCLR's mask of the anchor's self-similarity copied onto the positive. It
-    is unbounded below (the loss goes to -inf as positives separate from negatives) and needs B >= 2; it is kept
-    only as a flagged variant (see METHOD_NOTES).
+    goes negative, unlike the standard form; with unit embeddings it is bounded below by ``log(B - 1) - 2 / tau``
+    (positives at 1, every negative at -1), a bound that falls without limit as ``tau`` shrinks. It needs B >= 2
+    and is kept only as a flagged variant (see METHOD_NOTES).
 
     ``learn_temperature=True`` learns ``logit_scale = log(1 / temperature)`` (an ``nn.Parameter`` initialised
     from ``temperature``), clamped in forward to at most log(100), i.e. a temperature of at least 0.01, as in
