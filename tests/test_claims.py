@@ -376,6 +376,11 @@ def test_peak():
     decisive = judge(grid_claim("peak", both_single, 0.2), per_query=False)
     assert decisive.verdict == NOT_ESTABLISHED and decisive.reason.startswith("0.2 vs 0.5: one seed")
     assert "2 of 2 pairs cannot be judged" in decisive.reason
+    # a rival ahead at 95% but not at the Bonferroni level (0.975 for 2 rivals): within noise, and said so
+    short = [(0.1, [400.0, 401, 399]), (0.2, [410.0, 411, 409]), (0.5, [412.5, 413.5, 411.5])]
+    ahead = judge(grid_claim("peak", short, 0.2), per_query=False)
+    assert ahead.verdict == WITHIN_NOISE and ahead.comparison.high < 0 and "contains 0" not in ahead.reason
+    assert "lies below 0, but a reversal needs a rival to win at 0.975 (Bonferroni, 2 rivals)" in ahead.reason
     # lower is better: the smallest median rank is the peak
     medr = [(0.1, [4.0, 4.1, 3.9]), (0.2, [2.0, 2.1, 1.9]), (0.5, [3.0, 3.1, 2.9])]
     assert judge(grid_claim("peak", medr, 0.2, metric="i2t_medr"), per_query=False).verdict == HELD
@@ -393,6 +398,11 @@ def test_interior_peak():
     assert judge(grid_claim("interior peak", shoulder), per_query=False).verdict == WITHIN_NOISE
     budget = judge(grid_claim("interior peak", rising, stopped={0.2: "budget"}), per_query=False)
     assert budget.verdict == NOT_ESTABLISHED
+    # an endpoint beats the best interior point, not the noisy other one: within noise, and said so
+    noisy = [(0, [400.0, 401, 399]), (1, [410.0, 411, 409]), (2, [380.0, 405, 430]), (3, [414.0, 415, 413])]
+    ahead = judge(grid_claim("interior peak", noisy), per_query=False)
+    assert ahead.verdict == WITHIN_NOISE and ahead.comparison.high < 0
+    assert "a reversal needs an endpoint to beat every interior point at 0.975" in ahead.reason
 
 
 def test_interior_peak_selection_is_corrected():

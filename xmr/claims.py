@@ -531,6 +531,12 @@ def _shape(claim: Claim, options: dict) -> tuple[Comparison, tuple, str, str, tu
     else:
         decisive, shown = wins[closest], (top, closest)
         verdict, reason = WITHIN_NOISE, f"{label} vs {closest!r}: {_interval(decisive)} contains 0"
+        if decisive.high < 0:  # the rival is ahead on its own, short of the reversal rule
+            rule = (f"a rival to win at {1 - alpha / len(rivals):.3g} (Bonferroni, {len(rivals)} rivals)"
+                    if claim.direction == "peak"
+                    else f"an endpoint to beat every interior point at {1 - alpha / 2:.3g}")
+            reason = (f"{label} vs {closest!r}: {_interval(decisive)} lies below 0, but a reversal needs {rule}, "
+                      "and none does")
     if verdict == HELD:
         budget = [run for rival in rivals for run in grid[rival] if _training(run) == "budget"]
         if budget:
