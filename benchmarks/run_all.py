@@ -1,6 +1,7 @@
 """Every benchmark in one run, each figure with its baseline measured in the same run (``make bench``).
 
     python benchmarks/run_all.py [--out benchmarks/results/cpu.json] [--skip-scale] [--only finetune ...]
+                                 [--equivalence]
 
 1. ``foundation.py``: feature extraction against the dense (matmul) FLOP limit; ``retrieval_metrics`` against a
    per-query argsort; training throughput on cached features.
@@ -8,7 +9,8 @@
 3. ``ddp_training.py --scaling``: training under torchrun, 1 process vs 2 (and 1 process with 2 threads).
 4. ``scale.py``: a 1M-item gallery, chunked exact top-k against the full score matrix, FAISS flat and IVF.
 5. ``finetune.py --profile``: fine-tuning on cached activations, the plain path against each change of the fast
-   path (channels_last, bfloat16 autocast, ...), and where the step's time goes.
+   path (channels_last, bfloat16 autocast, ...), and where the step's time goes; with ``--equivalence`` also
+   converged runs of the plain and the fast path (about 7 minutes more here).
 
 The figures go to one JSON file with the environment (git revision, packages, CPU count) and the load average
 before and after, because on a shared 2-core machine a busy neighbour changes every figure. ``--only`` runs
@@ -44,9 +46,9 @@ def cpu_model() -> str:
     return "unknown"
 
 
-PARTS = {"foundation": lambda: foundation.main([]), "losses": lambda: losses.main([]),
-         "distributed": lambda: ddp_training.main(["--scaling"]), "scale": lambda: scale.main([]),
-         "finetune": lambda: finetune.main(["--profile"])}
+PARTS = {"foundation": lambda args: foundation.main([]), "losses": lambda args: losses.main([]),
+         "distributed": lambda args: ddp_training.main(["--scaling"]), "scale": lambda args: scale.main([]),
+         "finetune": lambda args: finetune.main(["--profile"] + ["--equivalence"] * args.equivalence)}
 
 
 def main(argv=None) -> None:
@@ -54,6 +56,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--skip-scale", action="store_true", help="leave out the 1M-item gallery (about 2 minutes)")
     parser.add_argument("--only", nargs="+", choices=sorted(PARTS), help="run these parts, merged into --out")
+    parser.add_argument("--equivalence", action="store_true", help="finetune: also train plain and fast to a plateau")
     args = parser.parse_args(argv)
     started, load_before = time.perf_counter(), os.getloadavg()
     threads = torch.get_num_threads()
@@ -63,7 +66,7 @@ def main(argv=None) -> None:
     record = json.loads(args.out.read_text()) if args.only and args.out.exists() else dict(run)
     for name in names:
         part_started, part_load = time.perf_counter(), os.getloadavg()
-        record[name] = PARTS[name]()
+        record[name] = PARTS[name](args)
         torch.set_num_threads(threads)  # scale.py runs on --threads
         if args.only:
             record[name]["run"] = {**run, "load_average_before": part_load, "load_average_after": os.getloadavg(),

@@ -118,3 +118,27 @@ def test_fit_with_the_fast_path_trains_like_the_plain_one(image_top):
         image_top.to(memory_format=torch.contiguous_format)
     image_top.load_state_dict(state)
     torch.testing.assert_close(torch.tensor(losses["fast"]), torch.tensor(losses["plain"]), rtol=2e-2, atol=2e-2)
+
+
+def test_trimming_a_batch_padding_is_exact(text_top, generator, monkeypatch):
+    """``Tower.forward`` runs MiniLM's top on the batch's longest caption, not the split's: same embedding and
+    gradients as on the padded batch (the padding is masked in attention and pooling)."""
+    tower = text_top.text_tower
+    batch = text_batch(generator)
+    inputs = torch.cat([batch["text"], torch.randn(BATCH, 5, 384, generator=generator).half()], dim=1)
+    mask = torch.cat([batch["text_mask"], torch.zeros(BATCH, 5, dtype=torch.long)], dim=1)
+    lengths = []
+    finish = tower.upper.forward_upper
+    monkeypatch.setattr(tower.upper, "forward_upper", lambda hidden, m: lengths.append(m.shape[1]) or finish(hidden, m))
+
+    def embedding_and_gradients(run):
+        tower.zero_grad(set_to_none=True)
+        embedding = run()
+        embedding.square().sum().backward()
+        return embedding.detach(), {name: p.grad.clone() for name, p in tower.named_parameters() if p.grad is not None}
+
+    padded, padded_gradients = embedding_and_gradients(lambda: tower.projection(tower._finish(inputs, mask)["pooled"]))
+    trimmed, trimmed_gradients = embedding_and_gradients(lambda: tower(inputs, mask))
+    assert lengths == [17, int(batch["text_mask"].sum(1).max())]
+    torch.testing.assert_close(trimmed, padded, rtol=1e-5, atol=1e-6)
+    assert max(relative_errors(padded_gradients, trimmed_gradients, floor=1e-3).values()) < 1e-4
